@@ -1,0 +1,30 @@
+# The two Quickstart commands (`make quickstart`, `make test`) each set up the environment first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.synced
+
+.PHONY: quickstart test lint data bench
+
+# Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv.
+$(STAMP): Pipfile Pipfile.lock
+	$(PYTHON) -m pip install --quiet pipenv
+	PIPENV_VENV_IN_PROJECT=1 PIPENV_NOSPIN=1 PIPENV_YES=1 $(PYTHON) -m pipenv sync --dev
+	touch $@
+
+quickstart: $(STAMP)
+	$(PY) train.py -c configs/diabetes.yaml configs/Random.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# Process the raw UCI files from a local copy (omit SOURCE to download them).
+SOURCE ?= ../shared/data
+data: $(STAMP)
+	$(PY) download_and_process_data.py --source $(SOURCE)
+
+bench: $(STAMP)
+	$(PY) bench/bench_core.py

@@ -1,0 +1,411 @@
+"""Configuration: YAML files deep-merged in order, command-line overrides, validation.
+
+A run is described by a frozen `Config` (nested dataclasses below). Values are in natural units
+(`lr: 1.0e-3`, never its log10). Sources are applied in this order, later winning:
+
+    defaults  <-  -c a.yaml b.yaml ...  <-  named flags (--seed, --batch_size, ...)  <-  --set k=v
+
+Dicts merge key by key; scalars and lists are replaced. Every problem (missing file, malformed
+YAML, unknown key, wrong type, value out of range, unknown name) raises `ConfigError` with one line
+naming where the bad value came from, before anything else happens.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A bad configuration, described in one line."""
+
+
+def option(default: Any, doc: str, *, choices: typing.Callable[[], typing.Iterable[str]] | None = None,
+           low: float | None = None, high: float | None = None,
+           low_inclusive: bool = True, high_inclusive: bool = True) -> Any:
+    """A config field with its documentation and valid range (checked by `_check_value`)."""
+    metadata = dict(doc=doc, choices=choices, low=low, high=high,
+                    low_inclusive=low_inclusive, high_inclusive=high_inclusive)
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata=metadata)
+
+
+def _dataset_names() -> list[str]:
+    import datasets
+    return sorted(datasets.DATASETS)
+
+
+def _model_names() -> list[str]:
+    import models
+    return sorted(models.MODELS)
+
+
+def _activation_names() -> list[str]:
+    import models
+    return sorted(models.ACTIVATIONS)
+
+
+def _loss_names() -> list[str]:
+    import models
+    return sorted(models.LOSSES)
+
+
+def _algorithm_names() -> list[str]:
+    import algorithms
+    return sorted(algorithms.ALGORITHMS)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = option("diabetes", "registered dataset", choices=_dataset_names)
+    validation_proportion: float = option(
+        0.0, "fraction of train+validation held out (contiguously, at the end) for validation; "
+        "0 trains on all of it and logs no validation loss", low=0.0, high=1.0, high_inclusive=False)
+    normalise_inputs: bool = option(True, "standardise each input feature with train+validation statistics")
+    normalise_outputs: bool = option(False, "standardise regression targets (losses are also logged unnormalised)")
+    full_validation: bool = option(False, "evaluate the whole validation split at each log, not one batch")
+    data_dir: str | None = option(None, "folder of processed datasets (default: data/ in the repository)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = option("mlp", "registered model", choices=_model_names)
+    layer_sizes: tuple[int, ...] = option((10, 50, 1), "widths from inputs to outputs", low=1)
+    activation: str = option("relu", "hidden-layer nonlinearity", choices=_activation_names)
+    batch_norm: bool = option(False, "BatchNorm before each hidden activation")
+
+
+@dataclass(frozen=True)
+class OptimiserConfig:
+    name: str = option("sgd", "weight optimiser", choices=lambda: ["sgd"])
+    lr: float = option(1.0e-3, "initial learning rate", low=0.0, low_inclusive=False)
+    weight_decay: float = option(0.0, "initial L2 weight decay (added to the gradient)", low=0.0)
+    momentum: float = option(0.0, "initial momentum (PyTorch convention: b <- mu b + g)",
+                             low=0.0, high=1.0, high_inclusive=False)
+    lr_multiplier: float | None = option(
+        None, "multiply lr by this after every hyperparameter step (Random_SteppedLR)",
+        low=0.0, low_inclusive=False)
+    lr_bounds: tuple[float, float] = option(
+        (1.0e-10, 1.0), "lr is clipped into [low, high] after each hyperparameter step",
+        low=0.0, low_inclusive=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: str = option("Random", "hyperparameter optimisation algorithm", choices=_algorithm_names)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata=dict(doc="the data"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="the network"))
+    loss: str = option("mse", "training and evaluation loss", choices=_loss_names)
+    optimiser: OptimiserConfig = field(default_factory=OptimiserConfig,
+                                       metadata=dict(doc="weight optimiser and initial hyperparameters"))
+    batch_size: int | None = option(None, "training batch size; null = the full training set", low=1)
+    network_weight_steps: int = option(10, "weight steps per hyperparameter step (T)", low=1)
+    hyperparameter_steps: int = option(400, "number of hyperparameter steps (H); H*T weight steps in all", low=1)
+    seed: int | None = option(None, "random seed; null draws one (recorded in config.json)", low=0)
+    device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    dtype: str = option("float32", "precision of weights, hyperparameters and data",
+                        choices=lambda: ["float32", "float64"])
+    log_every: int = option(10, "evaluate and log per-step scalars every this many weight steps", low=1)
+    log_root: str = option("runs", "root folder of run directories")
+    run_group_name: str = option("Untitled", "subfolder of log_root for this run")
+    run_name: str | None = option(None, "suffix of the run directory's name")
+
+    @property
+    def total_weight_steps(self) -> int:
+        return self.hyperparameter_steps * self.network_weight_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML reading
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml_value(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: could not parse {text!r} as YAML") from error
+
+
+def read_yaml_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        content = yaml.load(file.read_text(), Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from error
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return content
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging with provenance: every leaf remembers which file or flag set it.
+
+def deep_merge(base: dict, update: dict, source: str, sources: dict, prefix: tuple = ()) -> dict:
+    """Merge `update` into a copy of `base`: dicts merge, anything else is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value, source, sources, path)
+        else:
+            merged[key] = value
+            _forget_below(sources, path)
+            sources[path] = source
+    return merged
+
+
+def _forget_below(sources: dict, path: tuple) -> None:
+    for stale in [p for p in sources if p[:len(path)] == path and p != path]:
+        del sources[stale]
+
+
+def _source_of(sources: dict, path: tuple) -> str:
+    for end in range(len(path), 0, -1):
+        if path[:end] in sources:
+            return sources[path[:end]]
+    return "defaults"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the dataclasses, with validation
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def all_keys(cls: type = Config, prefix: tuple = ()) -> list[tuple]:
+    """Every leaf key path of the schema, in declaration order."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], prefix + (f.name,))
+        else:
+            keys.append(prefix + (f.name,))
+    return keys
+
+
+def _did_you_mean(path: tuple, siblings: list[str]) -> str:
+    close = difflib.get_close_matches(str(path[-1]), siblings, n=1)
+    if close:
+        return f" (did you mean '{_dotted(path[:-1] + (close[0],))}'?)"
+    elsewhere = [k for k in all_keys() if k[-1] == path[-1]]
+    if elsewhere:
+        return f" (did you mean '{_dotted(elsewhere[0])}'?)"
+    return ""
+
+
+def _build(cls: type, values: dict, sources: dict, prefix: tuple = ()) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            path = prefix + (key,)
+            raise ConfigError(f"{_source_of(sources, path)}: unknown key '{_dotted(path)}'"
+                              + _did_you_mean(path, names))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        path, value = prefix + (f.name,), values[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{_source_of(sources, path)}: '{_dotted(path)}' must be a mapping "
+                                  f"of its sub-keys, got {value!r}")
+            kwargs[f.name] = _build(hints[f.name], value, sources, path)
+        else:
+            kwargs[f.name] = _check_value(value, hints[f.name], f.metadata, path, sources)
+    return cls(**kwargs)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if args[-1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0])}"
+    return annotation.__name__
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Convert a YAML value to `annotation`, or raise TypeError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(value, inner[0])
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise TypeError
+        return tuple(_coerce(v, args[0]) for v in value)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (bool, str) and type(value) is annotation:
+        return value
+    raise TypeError
+
+
+def _check_value(value: Any, annotation: Any, meta: dict, path: tuple, sources: dict) -> Any:
+    where = f"{_source_of(sources, path)}: {_dotted(path)}"
+    try:
+        value = _coerce(value, annotation)
+    except TypeError:
+        raise ConfigError(f"{where} must be {_type_name(annotation)}, got {value!r}") from None
+    if value is None:
+        return value
+    for item in value if isinstance(value, tuple) else (value,):
+        _check_range(item, meta, where, value)
+    choices = meta.get("choices")
+    if choices is not None and value not in choices():
+        raise ConfigError(f"{where}: unknown name {value!r}; valid: {', '.join(choices())}")
+    return value
+
+
+def _check_range(item: Any, meta: dict, where: str, value: Any) -> None:
+    low, high = meta.get("low"), meta.get("high")
+    too_low = low is not None and (item < low if meta["low_inclusive"] else item <= low)
+    too_high = high is not None and (item > high if meta["high_inclusive"] else item >= high)
+    if too_low or too_high:
+        left = "[" if meta["low_inclusive"] else "("
+        right = "]" if meta["high_inclusive"] else ")"
+        valid = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ConfigError(f"{where} = {value!r} is out of range: valid range is {valid}")
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Constraints that involve more than one key."""
+    low, high = cfg.optimiser.lr_bounds
+    if low >= high:
+        raise ConfigError(f"optimiser.lr_bounds = {list(cfg.optimiser.lr_bounds)}: low must be below high")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device = {cfg.device!r}: valid values are auto, cpu, cuda or cuda:N")
+
+
+def build_config(values: dict, sources: dict | None = None) -> Config:
+    """Validate a nested dict (as merged from YAML) into a Config."""
+    cfg = _build(Config, values, sources or {})
+    _check_consistency(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain JSON/YAML-friendly data (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+# Named flags: (flags, dotted key, type, help).
+_FLAGS = [
+    (("-d", "--device"), "device", str, "auto, cpu, cuda or cuda:N"),
+    (("--batch_size",), "batch_size", int, "training batch size"),
+    (("--network_weight_steps",), "network_weight_steps", int, "weight steps per hyperparameter step"),
+    (("--hyperparameter_steps",), "hyperparameter_steps", int, "number of hyperparameter steps"),
+    (("--seed",), "seed", int, "random seed"),
+    (("-l", "--log_root"), "log_root", str, "root folder of run directories"),
+    (("-g", "--run_group_name"), "run_group_name", str, "subfolder of the log root"),
+    (("-n", "--run_name"), "run_name", str, "suffix of the run directory's name"),
+]
+
+
+def _keys_help() -> str:
+    lines = ["config keys (YAML, or --set KEY=VALUE; natural units):"]
+    defaults = to_dict(Config())
+    for path in all_keys():
+        cls, default = Config, defaults
+        for part in path[:-1]:
+            cls = typing.get_type_hints(cls)[part]
+            default = default[part]
+        f = next(f for f in dataclasses.fields(cls) if f.name == path[-1])
+        annotation = typing.get_type_hints(cls)[path[-1]]
+        choices = f.metadata.get("choices")
+        extra = f"; one of: {', '.join(choices())}" if choices and path[-1] != "algorithm" else ""
+        lines.append(f"  {_dotted(path)} ({_type_name(annotation)}, default {default[path[-1]]!r})")
+        lines.append(f"      {f.metadata['doc']}{extra}")
+    lines.append("  algorithm: one of " + ", ".join(_algorithm_names()))
+    return "\n".join(lines)
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a network while tuning its hyperparameters, from YAML configs.",
+        epilog=_keys_help() + "\n\nexample:\n  python train.py -c configs/uci_energy.yaml configs/Random.yaml "
+               "--set model.layer_sizes=[8,100,1]")
+    parser.add_argument("-c", "--config", nargs="+", action="extend", default=[], metavar="YAML",
+                        help="config files, deep-merged in order (later wins)")
+    for flags, key, kind, text in _FLAGS:
+        parser.add_argument(*flags, dest=key, type=kind, default=None, help=f"sets {key}: {text}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any key, e.g. --set optimiser.lr=1e-2 (VALUE is YAML); repeatable")
+    return parser
+
+
+def load(argv: list[str] | None = None) -> Config:
+    """Parse the command line into a validated Config (argparse exits 2 on a malformed command)."""
+    args = build_parser().parse_args(argv)
+    return load_from(args.config, {key: getattr(args, key) for _, key, _, _ in _FLAGS}, args.overrides)
+
+
+def load_from(files: list[str], flags: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge `files`, then `flags` ({dotted key: value or None}), then 'key=value' overrides."""
+    values, sources = {}, {}
+    for path in files:
+        values = deep_merge(values, read_yaml_file(path), path, sources)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values = deep_merge(values, _nest(key, value), f"--{key}", sources)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set optimiser.lr=1e-2")
+        values = deep_merge(values, _nest(key.strip(), parse_yaml_value(text, f"--set {key}")),
+                            f"--set {key.strip()}", sources)
+    return build_config(values, sources)
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value

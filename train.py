@@ -1,0 +1,244 @@
+"""Train a network while tuning its weight-update hyperparameters.
+
+    python train.py -c configs/uci_energy.yaml configs/Random.yaml [--seed 0] [--set key=value]
+
+One run = `hyperparameter_steps` windows of `network_weight_steps` (T) weight steps; after each
+window the configured algorithm takes one hyperparameter step. Scalars are logged to TensorBoard
+at global weight-step indices: per-step tags every `log_every` steps (measured before that step's
+update) plus at the final step H*T; `Last_*` tags at every hyperparameter step h, measured at the
+last weight step of window h.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import algorithms
+import config
+import datasets
+import models
+import util
+from algorithms.hyperparameters import Hyperparameters
+from config import Config, ConfigError
+
+EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built (and checked) before its run directory exists."""
+    cfg: Config
+    device: torch.device
+    splits: datasets.Splits
+    model: nn.Module
+    loss_fn: nn.Module
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device = {name!r}, but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def prepare(cfg: Config) -> Setup:
+    """Seed, load the data and build the model; raises ConfigError on anything a user must fix."""
+    if cfg.seed is None:
+        cfg = replace(cfg, seed=secrets.randbelow(2**31))
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    splits = datasets.make_splits(cfg.dataset, dtype, device)
+    if (splits.task == "classification") != (cfg.loss == "cross_entropy"):
+        raise ConfigError(f"loss = {cfg.loss!r} does not suit the {splits.task} dataset '{cfg.dataset.name}'")
+    model = models.build(cfg.model, splits.num_inputs, splits.num_outputs).to(device=device, dtype=dtype)
+    return Setup(cfg, device, splits, model, models.build_loss(cfg.loss))
+
+
+class Learner:
+    """The training loop: T weight steps, one hyperparameter step, repeated H times."""
+
+    def __init__(self, setup: Setup, log: util.RunLog | None = None):
+        cfg = self.cfg = setup.cfg
+        self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
+        self.log = log
+        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.train_batches = datasets.BatchStream(self.splits.train, cfg.batch_size, generator)
+        self.validation_batches = None
+        if self.splits.validation is not None and not cfg.dataset.full_validation:
+            self.validation_batches = datasets.BatchStream(self.splits.validation, cfg.batch_size, generator)
+        self.hyperparameters = Hyperparameters(cfg.optimiser)
+        self.algorithm = algorithms.build(cfg.algorithm, self.hyperparameters)
+        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=self.hyperparameters["lr"])
+        self.steps_done = 0
+        self.status = "running"
+
+    # -- one weight step ---------------------------------------------------------------------
+
+    def install_hyperparameters(self) -> None:
+        for group in self.optimiser.param_groups:
+            group.update(self.hyperparameters.values)
+
+    def weight_step(self) -> torch.Tensor:
+        """One SGD step on the next training batch; returns the batch loss before the update."""
+        inputs, targets = next(self.train_batches)
+        self.model.train()
+        loss = self.loss_fn(self.model(inputs), targets)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        self.steps_done += 1
+        return loss.detach()
+
+    # -- measuring ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss (and accuracy) over a whole set, in eval mode, in batches of EVALUATION_BATCH rows."""
+        self.model.eval()
+        loss_sum = correct = 0
+        for start in range(0, len(inputs), EVALUATION_BATCH):
+            chunk = slice(start, start + EVALUATION_BATCH)
+            outputs = self.model(inputs[chunk])
+            loss_sum = loss_sum + self.loss_fn(outputs, targets[chunk]) * len(outputs)
+            if self.splits.task == "classification":
+                correct = correct + (outputs.argmax(dim=1) == targets[chunk]).sum()
+        result = {"Loss": loss_sum / len(inputs)}
+        if self.splits.task == "classification":
+            result["Accuracy"] = correct / len(inputs)
+        return result
+
+    def measure_held_out(self, whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Validation (the next batch, or the whole split) and test (the whole split) metrics."""
+        measured = {}
+        validation = self.splits.validation
+        if validation is not None:
+            use_batch = self.validation_batches is not None and not whole
+            batch = next(self.validation_batches) if use_batch else (validation.inputs, validation.targets)
+            measured["Validation"] = self.evaluate(*batch)
+        measured["Test"] = self.evaluate(self.splits.test.inputs, self.splits.test.targets)
+        return measured
+
+    def to_scalars(self, measured: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Flatten {split: {metric: tensor}} into TensorBoard tags, with one host sync for all."""
+        tags = {f"{metric}/{split}": value for split, metrics in measured.items()
+                for metric, value in metrics.items()}
+        if self.splits.target_std is not None:
+            scale = self.splits.target_std ** 2   # MSE in target units = normalised MSE * std^2
+            tags.update({f"Unnormalised_Loss/{split}": metrics["Loss"] * scale
+                         for split, metrics in measured.items()})
+        names = list(tags)
+        values = torch.stack([tags[name].reshape(()).to(torch.float64) for name in names]).tolist()
+        return dict(zip(names, values, strict=True)) | self.hyperparameters.log_values()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train for H windows of T steps, logging as configured; returns the final metrics."""
+        cfg, T = self.cfg, self.cfg.network_weight_steps
+        start = time.perf_counter()
+        progress = tqdm(total=cfg.total_weight_steps, unit="step", disable=not sys.stderr.isatty(),
+                        dynamic_ncols=True)
+        for h in range(cfg.hyperparameter_steps):
+            self.install_hyperparameters()
+            for s in range(T):
+                step, last = h * T + s, s == T - 1
+                due = step % cfg.log_every == 0
+                # Held-out sets are measured at this step's weights, before its update.
+                held_out = self.measure_held_out() if due or last else None
+                train_loss = self.weight_step()
+                if held_out is None:
+                    continue
+                scalars = self.to_scalars({"Training": {"Loss": train_loss}} | held_out)
+                if due:
+                    self._log(step, scalars)
+                if last:
+                    self._log(h, {f"Last_{tag}": value for tag, value in scalars.items()})
+            progress.update(T)
+            if not math.isfinite(scalars["Loss/Training"]):
+                self.status = "diverged"
+                break
+            progress.set_postfix(loss=f"{scalars['Loss/Training']:.4g}", refresh=False)
+            self.algorithm.hyper_step()
+            self.hyperparameters.end_window()
+        progress.close()
+        return self.finish(time.perf_counter() - start)
+
+    def finish(self, train_seconds: float) -> dict:
+        """Measure the final weights on whole splits, log them at step H*T, return the metrics."""
+        if self.status == "running":
+            self.status = "completed"
+        final = self.evaluate(self.splits.train.inputs, self.splits.train.targets)
+        scalars = self.to_scalars({"Training": final} | self.measure_held_out(whole=True))
+        self._log(self.steps_done, scalars)
+        return {
+            "status": self.status,
+            "weight_steps": self.steps_done,
+            "hyperparameter_steps": self.steps_done // self.cfg.network_weight_steps,
+            "train_seconds": train_seconds,
+            "final": {tag: util.finite_or_none(value) for tag, value in scalars.items()},
+        }
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.log is not None:
+            self.log.scalars(step, scalars)
+
+
+# -------------------------------------------------------------------------------------------------
+
+def summary(cfg: Config, run_dir: Path, metrics: dict) -> str:
+    """A few lines for the terminal: outcome, final losses, hyperparameters, where the logs are."""
+    final = metrics["final"]
+    losses = "  ".join(f"{tag.split('/')[-1].lower()} {final[tag]:.6g}" if final[tag] is not None
+                       else f"{tag.split('/')[-1].lower()} nan"
+                       for tag in final if tag.startswith(("Loss/", "Unnormalised_Loss/", "Accuracy/")))
+    hyper = "  ".join(f"{tag.split('/')[-1].lower()} {final[tag]:.4g}" for tag in final
+                      if tag.startswith("Hyperparameter/"))
+    return "\n".join([
+        f"{cfg.algorithm} on {cfg.dataset.name}: {metrics['status']} after {metrics['weight_steps']} weight steps "
+        f"in {metrics['train_seconds']:.1f} s (seed {metrics['seed']})",
+        f"  final      {losses}",
+        f"  hyperparameters  {hyper}",
+        f"  logs       {run_dir}  (config.json, metrics.json, TensorBoard events)",
+        f"  view with  tensorboard --logdir {run_dir.parent}",
+    ])
+
+
+def train(cfg: Config) -> tuple[Path, dict]:
+    """Run one configured training job end to end; returns its run directory and metrics."""
+    setup = prepare(cfg)
+    cfg = setup.cfg
+    run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
+    util.write_json(run_dir / "config.json", config.to_dict(cfg))
+    log = util.RunLog(run_dir)
+    try:
+        metrics = Learner(setup, log).run()
+    finally:
+        log.close()
+    metrics |= {"seed": cfg.seed, "run_dir": str(run_dir)}
+    util.write_json(run_dir / "metrics.json", metrics)
+    return run_dir, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config.load(argv)
+        run_dir, metrics = train(cfg)
+    except ConfigError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    print(summary(cfg, run_dir, metrics))
+    return 0   # a diverged run is a result (status "diverged" in metrics.json), not a failure
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Run directories and their logs: writing them (RunLog) and reading them back (get_tags).
+
+A run directory holds config.json (the merged config), metrics.json (final results, status, wall
+time) and TensorBoard event files whose steps are global weight-step indices.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard.writer import FileWriter
+
+
+def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
+    """Create `log_root/group/<date>-<time>-<random>[-name]`, never reusing an existing folder."""
+    parent = Path(log_root) / group
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        path = parent / (f"{stem}-{name}" if name else stem)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename), so readers never see half a file."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(temporary, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+class RunLog:
+    """TensorBoard scalars for one run; all scalars of a step go into one event (cheap to write)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._writer = FileWriter(str(run_dir), flush_secs=30)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+        self._writer.add_summary(summary, step, time.time())
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs back
+
+@dataclass
+class Scalar:
+    steps: np.ndarray        # int64 global weight-step (or hyperparameter-step, for Last_*) indices
+    values: np.ndarray       # float64
+    wall_times: np.ndarray   # float64 seconds since the epoch
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    metrics: dict
+    scalars: dict[str, Scalar] = field(default_factory=dict)
+
+
+def find_runs(directory: str | os.PathLike) -> list[Path]:
+    """Every run directory (a folder with a config.json) at or below `directory`, sorted."""
+    root = Path(directory)
+    return sorted(p.parent for p in root.rglob("config.json"))
+
+
+def get_tags(directory: str | os.PathLike, *tags: str) -> dict[str, Run]:
+    """Read every run below `directory`: each scalar tag (all of them if none are named), in full.
+
+    Returns {run path relative to `directory`: Run}. Every recorded event is kept (no TensorBoard
+    down-sampling); a tag a run never logged is absent from that run's `scalars`.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    root = Path(directory)
+    runs = {}
+    for path in find_runs(root):
+        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})
+        accumulator.Reload()
+        wanted = tags or accumulator.Tags()[SCALARS]
+        scalars = {}
+        for tag in wanted:
+            if tag not in accumulator.Tags()[SCALARS]:
+                continue
+            events = accumulator.Scalars(tag)
+            scalars[tag] = Scalar(np.array([e.step for e in events], dtype=np.int64),
+                                  np.array([e.value for e in events], dtype=np.float64),
+                                  np.array([e.wall_time for e in events], dtype=np.float64))
+        metrics_file = path / "metrics.json"
+        runs[str(path.relative_to(root))] = Run(
+            path=path, config=json.loads((path / "config.json").read_text()),
+            metrics=json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
+            scalars=scalars)
+    return runs
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: write those as null."""
+    return value if math.isfinite(value) else None
