@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -212,13 +213,20 @@ def all_keys(cls: type = Config, prefix: tuple = ()) -> list[tuple]:
     return keys
 
 
+def _initials(name: str) -> str:
+    return "".join(word[0] for word in name.split("_") if word)
+
+
 def _did_you_mean(path: tuple, siblings: list[str]) -> str:
-    close = difflib.get_close_matches(str(path[-1]), siblings, n=1)
+    key = str(path[-1])
+    elsewhere = [k for k in all_keys() if k[-1] == key]
+    if elsewhere:   # the right key in the wrong section
+        return f" (did you mean '{_dotted(elsewhere[0])}'?)"
+    # An abbreviation (wd, learning_rate -> lr) or a near-miss spelling.
+    close = [s for s in siblings if _initials(key) == s or _initials(s) == key] \
+        or difflib.get_close_matches(key, siblings, n=1)
     if close:
         return f" (did you mean '{_dotted(path[:-1] + (close[0],))}'?)"
-    elsewhere = [k for k in all_keys() if k[-1] == path[-1]]
-    if elsewhere:
-        return f" (did you mean '{_dotted(elsewhere[0])}'?)"
     return ""
 
 
@@ -360,10 +368,9 @@ def _keys_help() -> str:
         f = next(f for f in dataclasses.fields(cls) if f.name == path[-1])
         annotation = typing.get_type_hints(cls)[path[-1]]
         choices = f.metadata.get("choices")
-        extra = f"; one of: {', '.join(choices())}" if choices and path[-1] != "algorithm" else ""
-        lines.append(f"  {_dotted(path)} ({_type_name(annotation)}, default {default[path[-1]]!r})")
+        extra = f"; one of: {', '.join(choices())}" if choices else ""
+        lines.append(f"  {_dotted(path)} ({_type_name(annotation)}, default {json.dumps(default[path[-1]])})")
         lines.append(f"      {f.metadata['doc']}{extra}")
-    lines.append("  algorithm: one of " + ", ".join(_algorithm_names()))
     return "\n".join(lines)
 
 

@@ -117,10 +117,15 @@ def split_sizes(train_val_size: int, validation_proportion: float) -> tuple[int,
 
 
 def standardise(train_val: np.ndarray, *arrays: np.ndarray, per_feature: bool) -> tuple[list, np.ndarray]:
-    """Standardise `arrays` with the mean and std of `train_val` (a zero std is left unscaled)."""
+    """Standardise `arrays` with the mean and std of `train_val`.
+
+    A constant column maps to exactly 0: its computed std is rounding noise (naval's 0.998 column
+    has std 2e-13), which would otherwise blow up into values of order 1.
+    """
     axis = 0 if per_feature else None
-    mean, std = train_val.mean(axis=axis), train_val.std(axis=axis)
-    std = np.where(std == 0, 1.0, std)
+    constant = train_val.max(axis=axis) == train_val.min(axis=axis)
+    mean = np.where(constant, train_val.min(axis=axis), train_val.mean(axis=axis))
+    std = np.where(constant, 1.0, train_val.std(axis=axis))
     return [(a - mean) / std for a in arrays], std
 
 

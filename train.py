@@ -71,11 +71,13 @@ class Learner:
         cfg = self.cfg = setup.cfg
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.train_batches = datasets.BatchStream(self.splits.train, cfg.batch_size, generator)
+        # Separate generators: the training order must not depend on how often validation is read.
+        self.train_batches = datasets.BatchStream(self.splits.train, cfg.batch_size,
+                                                  torch.Generator().manual_seed(cfg.seed + 1))
         self.validation_batches = None
         if self.splits.validation is not None and not cfg.dataset.full_validation:
-            self.validation_batches = datasets.BatchStream(self.splits.validation, cfg.batch_size, generator)
+            self.validation_batches = datasets.BatchStream(self.splits.validation, cfg.batch_size,
+                                                           torch.Generator().manual_seed(cfg.seed + 2))
         self.hyperparameters = Hyperparameters(cfg.optimiser)
         self.algorithm = algorithms.build(cfg.algorithm, self.hyperparameters)
         self.optimiser = torch.optim.SGD(self.model.parameters(), lr=self.hyperparameters["lr"])
@@ -88,34 +90,39 @@ class Learner:
         for group in self.optimiser.param_groups:
             group.update(self.hyperparameters.values)
 
-    def weight_step(self) -> torch.Tensor:
-        """One SGD step on the next training batch; returns the batch loss before the update."""
+    def weight_step(self) -> dict[str, torch.Tensor]:
+        """One SGD step on the next training batch; returns the batch's metrics before the update."""
         inputs, targets = next(self.train_batches)
         self.model.train()
-        loss = self.loss_fn(self.model(inputs), targets)
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, targets)
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
         self.steps_done += 1
-        return loss.detach()
+        return self.batch_metrics(outputs.detach(), targets, loss.detach())
 
     # -- measuring ------------------------------------------------------------------------------
 
+    def batch_metrics(self, outputs: torch.Tensor, targets: torch.Tensor,
+                      loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics = {"Loss": loss}
+        if self.splits.task == "classification":
+            metrics["Accuracy"] = (outputs.argmax(dim=1) == targets).to(loss.dtype).mean()
+        return metrics
+
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss (and accuracy) over a whole set, in eval mode, in batches of EVALUATION_BATCH rows."""
+        """Metrics over a whole set, in eval mode, in chunks of EVALUATION_BATCH rows."""
         self.model.eval()
-        loss_sum = correct = 0
+        totals: dict[str, torch.Tensor] = {}
         for start in range(0, len(inputs), EVALUATION_BATCH):
             chunk = slice(start, start + EVALUATION_BATCH)
             outputs = self.model(inputs[chunk])
-            loss_sum = loss_sum + self.loss_fn(outputs, targets[chunk]) * len(outputs)
-            if self.splits.task == "classification":
-                correct = correct + (outputs.argmax(dim=1) == targets[chunk]).sum()
-        result = {"Loss": loss_sum / len(inputs)}
-        if self.splits.task == "classification":
-            result["Accuracy"] = correct / len(inputs)
-        return result
+            metrics = self.batch_metrics(outputs, targets[chunk], self.loss_fn(outputs, targets[chunk]))
+            for name, value in metrics.items():   # batch means, weighted by the chunk's size
+                totals[name] = totals.get(name, 0) + value * len(outputs)
+        return {name: total / len(inputs) for name, total in totals.items()}
 
     def measure_held_out(self, whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """Validation (the next batch, or the whole split) and test (the whole split) metrics."""
@@ -155,10 +162,10 @@ class Learner:
                 due = step % cfg.log_every == 0
                 # Held-out sets are measured at this step's weights, before its update.
                 held_out = self.measure_held_out() if due or last else None
-                train_loss = self.weight_step()
+                train_metrics = self.weight_step()
                 if held_out is None:
                     continue
-                scalars = self.to_scalars({"Training": {"Loss": train_loss}} | held_out)
+                scalars = self.to_scalars({"Training": train_metrics} | held_out)
                 if due:
                     self._log(step, scalars)
                 if last:
@@ -183,7 +190,6 @@ class Learner:
         return {
             "status": self.status,
             "weight_steps": self.steps_done,
-            "hyperparameter_steps": self.steps_done // self.cfg.network_weight_steps,
             "train_seconds": train_seconds,
             "final": {tag: util.finite_or_none(value) for tag, value in scalars.items()},
         }
@@ -195,22 +201,29 @@ class Learner:
 
 # -------------------------------------------------------------------------------------------------
 
-def summary(cfg: Config, run_dir: Path, metrics: dict) -> str:
-    """A few lines for the terminal: outcome, final losses, hyperparameters, where the logs are."""
+def summary(run_dir: Path, cfg: Config, metrics: dict) -> str:
+    """A few lines for the terminal: outcome, final metrics, hyperparameters, where the logs are."""
     final = metrics["final"]
-    losses = "  ".join(f"{tag.split('/')[-1].lower()} {final[tag]:.6g}" if final[tag] is not None
-                       else f"{tag.split('/')[-1].lower()} nan"
-                       for tag in final if tag.startswith(("Loss/", "Unnormalised_Loss/", "Accuracy/")))
-    hyper = "  ".join(f"{tag.split('/')[-1].lower()} {final[tag]:.4g}" for tag in final
-                      if tag.startswith("Hyperparameter/"))
-    return "\n".join([
-        f"{cfg.algorithm} on {cfg.dataset.name}: {metrics['status']} after {metrics['weight_steps']} weight steps "
-        f"in {metrics['train_seconds']:.1f} s (seed {metrics['seed']})",
-        f"  final      {losses}",
-        f"  hyperparameters  {hyper}",
-        f"  logs       {run_dir}  (config.json, metrics.json, TensorBoard events)",
-        f"  view with  tensorboard --logdir {run_dir.parent}",
-    ])
+    rows = [f"{cfg.algorithm} on {cfg.dataset.name}: {metrics['status']} after {metrics['weight_steps']} "
+            f"weight steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']})",
+            f"  {'':<22}{'training':>12}{'validation':>12}{'test':>12}"]
+    for metric, label in [("Loss", "loss"), ("Unnormalised_Loss", "loss in target units"),
+                          ("Accuracy", "accuracy")]:
+        tags = [f"{metric}/{split}" for split in ("Training", "Validation", "Test")]
+        if any(tag in final for tag in tags):
+            rows.append(f"  {label:<22}" + "".join(_cell(final, tag) for tag in tags))
+    rows += ["  hyperparameters       " + "  ".join(
+                 f"{tag.split('/')[1].lower()} {value:.4g}" for tag, value in final.items()
+                 if tag.startswith("Hyperparameter/")),
+             f"  logs                  {run_dir}  (config.json, metrics.json, TensorBoard events)",
+             f"  view them with        tensorboard --logdir {run_dir.parent}"]
+    return "\n".join(rows)
+
+
+def _cell(final: dict, tag: str) -> str:
+    if tag not in final:
+        return f"{'-':>12}"
+    return f"{'nan' if final[tag] is None else format(final[tag], '.6g'):>12}"
 
 
 def train(cfg: Config) -> tuple[Path, dict]:
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    print(summary(cfg, run_dir, metrics))
+    print(summary(run_dir, cfg, metrics))
     return 0   # a diverged run is a result (status "diverged" in metrics.json), not a failure
 
 

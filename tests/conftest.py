@@ -1,0 +1,33 @@
+"""Shared fixtures: the repository, the raw data beside it, processed UCI data, a CLI runner."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import download_and_process_data
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "uci").is_dir():
+        pytest.fail(f"raw data not found at {SHARED_DATA}: the tests need ../shared/data beside the repository")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """All eight UCI sets processed by the download script from the local raw copy."""
+    out = tmp_path_factory.mktemp("data")
+    assert download_and_process_data.main(["--source", str(shared_data), "--out", str(out)]) == 0
+    return out
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a repository script as a user would, in a real subprocess."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,138 @@
+"""Config files merge in order, flags and --set override them, and every bad input is one clear line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import config
+import train
+from config import ConfigError
+from tests.conftest import REPO, run_cli
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_files_merge_in_order_dicts_merge_lists_replace(tmp_path):
+    first = write(tmp_path, "a.yaml", "model:\n  layer_sizes: [10, 50, 50, 1]\n  activation: tanh\n"
+                                      "optimiser:\n  lr: 1e-3\n  momentum: 0.9\n")
+    second = write(tmp_path, "b.yaml", "model:\n  layer_sizes: [10, 7, 1]\noptimiser:\n  lr: 0.5\n")
+    cfg = config.load_from([first, second])
+    assert cfg.model.layer_sizes == (10, 7, 1)          # list replaced, not appended
+    assert cfg.model.activation == "tanh"               # sibling kept from the first file
+    assert cfg.optimiser.lr == 0.5 and cfg.optimiser.momentum == 0.9
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    cfg = config.load_from([write(tmp_path, "a.yaml", "optimiser:\n  lr: 1e-3\n  weight_decay: 5E-7\n")])
+    assert cfg.optimiser.lr == 1e-3 and cfg.optimiser.weight_decay == 5e-7
+
+
+def test_flags_override_files_and_set_overrides_flags(tmp_path):
+    base = write(tmp_path, "a.yaml", "batch_size: 8\nseed: 1\nrun_name: file\n")
+    cfg = config.load(["-c", base, "--batch_size", "16", "--seed", "3", "-n", "flag",
+                       "--set", "seed=4", "--set", "model.layer_sizes=[10, 100, 1]", "--set", "optimiser.lr=2e-2"])
+    assert (cfg.batch_size, cfg.seed, cfg.run_name) == (16, 4, "flag")
+    assert cfg.model.layer_sizes == (10, 100, 1) and cfg.optimiser.lr == 0.02
+
+
+def test_shipped_configs_combine(tmp_path):
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml"), str(REPO / "configs/Random_SteppedLR.yaml")])
+    assert cfg.dataset.name == "uci_energy" and cfg.dataset.validation_proportion == 0.0
+    assert cfg.optimiser.lr_multiplier == 0.99 and cfg.total_weight_steps == 4000
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml"), str(REPO / "configs/Random_Validation.yaml")])
+    assert cfg.dataset.validation_proportion == 0.11272 and cfg.dataset.full_validation
+
+
+BAD_INPUTS = {
+    # name: (yaml text or None, extra argv, fragments the one-line message must contain)
+    "unknown key": ("optimiser:\n  learning_rate: 0.1\n", [], ["bad.yaml", "optimiser.learning_rate",
+                                                              "did you mean 'optimiser.lr'"]),
+    "key in the wrong section": ("lr: 0.1\n", [], ["bad.yaml", "unknown key 'lr'", "optimiser.lr"]),
+    "wrong type": ("batch_size: many\n", [], ["bad.yaml", "batch_size must be int or null", "'many'"]),
+    "bool is not a number": ("optimiser:\n  lr: true\n", [], ["optimiser.lr must be float"]),
+    "lr zero": ("optimiser:\n  lr: 0\n", [], ["optimiser.lr = 0.0 is out of range", "(0.0, inf]"]),
+    "lr negative": (None, ["--set", "optimiser.lr=-1e-3"], ["--set optimiser.lr", "out of range"]),
+    "momentum one": ("optimiser:\n  momentum: 1.0\n", [], ["optimiser.momentum = 1.0", "[0.0, 1.0)"]),
+    "momentum negative": ("optimiser:\n  momentum: -0.1\n", [], ["optimiser.momentum", "[0.0, 1.0)"]),
+    "weight decay negative": ("optimiser:\n  weight_decay: -1e-4\n", [], ["optimiser.weight_decay", "[0.0, inf]"]),
+    "validation proportion one": ("dataset:\n  validation_proportion: 1\n", [],
+                                  ["dataset.validation_proportion", "[0.0, 1.0)"]),
+    "batch size zero": (None, ["--batch_size", "0"], ["--batch_size: batch_size = 0", "[1, inf]"]),
+    "malformed yaml": ("model:\n  layer_sizes: [8, 50\nloss: mse\n", [], ["bad.yaml:3", "malformed YAML"]),
+    "unknown dataset": ("dataset:\n  name: mnist2\n", [], ["dataset.name", "'mnist2'", "uci_energy", "diabetes"]),
+    "unknown model": ("model:\n  name: transformer\n", [], ["model.name", "'transformer'", "valid: mlp"]),
+    "unknown algorithm": ("algorithm: Ours\n", [], ["algorithm", "'Ours'", "Random_SteppedLR"]),
+    "section not a mapping": ("model: mlp\n", [], ["'model' must be a mapping"]),
+    "layer sizes do not fit the data": ("model:\n  layer_sizes: [8, 50, 1]\n", [],
+                                        ["model.layer_sizes = [8, 50, 1]", "10 inputs"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_run_dir(case, tmp_path, capsys):
+    text, argv, fragments = BAD_INPUTS[case]
+    files = ["-c", write(tmp_path, "bad.yaml", text)] if text is not None else []
+    log_root = tmp_path / "runs"
+    code = train.main([*files, *argv, "-l", str(log_root), "--hyperparameter_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not log_root.exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert train.main(["-c", str(tmp_path / "nope.yaml"), "-l", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml: no such config file" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_processed_dataset_names_the_command(tmp_path, capsys):
+    argv = ["-c", str(REPO / "configs/uci_energy.yaml"), "--set", f"dataset.data_dir={tmp_path}",
+            "-l", str(tmp_path / "runs")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "python download_and_process_data.py uci_energy" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_reports_errors_as_a_real_process(tmp_path):
+    result = run_cli("train.py", "-c", "configs/uci_energy.yaml", "--set", "optimiser.momentum=1.5",
+                     "-l", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: --set optimiser.momentum: optimiser.momentum = 1.5 is out of range: "
+        "valid range is [0.0, 1.0)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_documents_every_key():
+    result = run_cli("train.py", "--help")
+    assert result.returncode == 0
+    for path in config.all_keys():
+        assert ".".join(path) in result.stdout, path
+    for flag in ["--device", "--batch_size", "--network_weight_steps", "--hyperparameter_steps", "--seed",
+                 "--log_root", "--run_group_name", "--run_name", "--set"]:
+        assert flag in result.stdout
+
+
+def test_unknown_flag_is_rejected_by_argparse_with_exit_2():
+    result = run_cli("train.py", "--learning_rate", "3")
+    assert result.returncode == 2 and "unrecognized arguments: --learning_rate" in result.stderr
+
+
+def test_set_without_equals_sign(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config.load_from([], overrides=["optimiser.lr"])
+
+
+def test_config_round_trips_through_its_dict():
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml")], overrides=["seed=3"])
+    assert config.build_config(config.to_dict(cfg)) == cfg

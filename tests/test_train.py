@@ -1,0 +1,174 @@
+"""End-to-end runs: TensorBoard files read back, metrics, reproducibility, divergence, the quickstart."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import train
+import util
+from tests.conftest import REPO, run_cli
+
+
+def run(tmp_path, *files, overrides=(), data_dir=None):
+    """Train in-process from shipped configs; returns (run directory, metrics)."""
+    extra = [f"dataset.data_dir={data_dir}"] if data_dir else []
+    cfg = config.load_from([str(REPO / "configs" / f) for f in files],
+                           overrides=[f"log_root={tmp_path / 'runs'}", *extra, *overrides])
+    return train.train(cfg)
+
+
+def only_run(directory):
+    runs = util.get_tags(directory)
+    assert len(runs) == 1
+    return next(iter(runs.values()))
+
+
+def test_short_run_logs_every_tag_at_weight_step_indices(tmp_path, data_dir):
+    run_dir, metrics = run(tmp_path, "uci_energy.yaml", "Random_Validation.yaml", data_dir=data_dir,
+                           overrides=["hyperparameter_steps=5", "log_every=10", "seed=0"])
+    record = only_run(tmp_path / "runs")
+    splits = ("Training", "Validation", "Test")
+    per_step = [f"{m}/{s}" for m in ("Loss", "Unnormalised_Loss") for s in splits] + \
+        ["Hyperparameter/Lr", "Hyperparameter/Weight_Decay", "Hyperparameter/Momentum"]
+    assert set(record.scalars) == set(per_step) | {f"Last_{tag}" for tag in per_step}
+    for tag in per_step:
+        np.testing.assert_array_equal(record.scalars[tag].steps, [0, 10, 20, 30, 40, 50])
+        np.testing.assert_array_equal(record.scalars[f"Last_{tag}"].steps, [0, 1, 2, 3, 4])
+        assert np.isfinite(record.scalars[tag].values).all()
+        assert (np.diff(record.scalars[tag].wall_times) >= 0).all()
+    losses = record.scalars["Loss/Training"].values
+    assert losses[-1] < losses[0]                                   # it learns
+    scale = record.scalars["Unnormalised_Loss/Test"].values / record.scalars["Loss/Test"].values
+    np.testing.assert_allclose(scale, scale[0], rtol=1e-5)          # target units: a fixed std^2
+    assert record.scalars["Hyperparameter/Momentum"].values[0] == pytest.approx(0.6224593312)
+    assert record.config == json.loads((run_dir / "config.json").read_text())
+    assert record.config["algorithm"] == "Random_Validation" and record.config["seed"] == 0
+    assert record.metrics["status"] == "completed" and record.metrics["weight_steps"] == 50
+    assert record.metrics["final"]["Loss/Test"] == pytest.approx(record.scalars["Loss/Test"].values[-1])
+
+
+def test_random_trains_on_train_plus_validation_and_logs_no_validation(tmp_path, data_dir):
+    run(tmp_path, "uci_energy.yaml", "Random.yaml", data_dir=data_dir, overrides=["hyperparameter_steps=2"])
+    record = only_run(tmp_path / "runs")
+    assert not any("Validation" in tag for tag in record.scalars)
+    assert record.metrics["final"]["Loss/Training"] is not None
+
+
+def test_get_tags_selects_tags_and_keeps_every_event(tmp_path):
+    run(tmp_path, "diabetes.yaml", "Random.yaml", overrides=["hyperparameter_steps=300", "log_every=1"])
+    record = only_run(tmp_path / "runs")
+    selected = util.get_tags(tmp_path / "runs", "Loss/Test", "Last_Loss/Test", "No/Such_Tag")
+    assert set(next(iter(selected.values())).scalars) == {"Loss/Test", "Last_Loss/Test"}
+    assert len(record.scalars["Loss/Test"].steps) == 3001          # every step, no down-sampling
+    assert len(record.scalars["Last_Loss/Test"].steps) == 300
+
+
+def test_classification_logs_accuracy(tmp_path):
+    run(tmp_path, "digits.yaml", "Random_TrainingSetOnly.yaml", overrides=["hyperparameter_steps=20"])
+    record = only_run(tmp_path / "runs")
+    for split in ("Training", "Validation", "Test"):
+        for prefix in ("", "Last_"):
+            accuracy = record.scalars[f"{prefix}Accuracy/{split}"].values
+            assert ((accuracy >= 0) & (accuracy <= 1)).all()
+    assert record.metrics["final"]["Accuracy/Test"] > 0.8
+
+
+def test_same_seed_reproduces_bit_for_bit(tmp_path):
+    overrides = ["hyperparameter_steps=30", "seed=7", "log_every=1"]
+    run(tmp_path / "a", "digits.yaml", "Random_Validation.yaml", overrides=overrides)
+    run(tmp_path / "b", "digits.yaml", "Random_Validation.yaml", overrides=overrides)
+    run(tmp_path / "c", "digits.yaml", "Random_Validation.yaml", overrides=["hyperparameter_steps=30", "seed=8"])
+    first, second, other = (only_run(tmp_path / name / "runs") for name in "abc")
+    for tag, scalar in first.scalars.items():
+        np.testing.assert_array_equal(scalar.values, second.scalars[tag].values)
+    assert first.metrics["final"] == second.metrics["final"]
+    assert first.metrics["final"]["Loss/Test"] != other.metrics["final"]["Loss/Test"]
+
+
+def test_learner_does_exactly_the_sgd_steps_of_a_plain_torch_loop(data_dir):
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml"), str(REPO / "configs/Random.yaml")],
+                           overrides=[f"dataset.data_dir={data_dir}", "dtype=float64", "seed=3",
+                                      "hyperparameter_steps=20", "optimiser.weight_decay=1e-3"])
+    setup = train.prepare(cfg)
+    model = setup.model
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    metrics = train.Learner(setup).run()
+
+    reference = train.prepare(cfg).model        # the same seed builds the same initial weights
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0)
+    optimiser = torch.optim.SGD(reference.parameters(), lr=cfg.optimiser.lr, momentum=cfg.optimiser.momentum,
+                                weight_decay=cfg.optimiser.weight_decay)
+    inputs, targets = setup.splits.train.inputs, setup.splits.train.targets
+    for _ in range(cfg.total_weight_steps):
+        optimiser.zero_grad()
+        torch.nn.functional.mse_loss(reference(inputs), targets).backward()
+        optimiser.step()
+    for trained, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        assert trained.dtype == torch.float64
+        torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    assert metrics["weight_steps"] == 200
+
+
+def test_stepped_lr_multiplies_after_each_window_and_clips(tmp_path):
+    run(tmp_path / "a", "diabetes.yaml", "Random_SteppedLR.yaml", overrides=["hyperparameter_steps=6"])
+    lrs = only_run(tmp_path / "a" / "runs").scalars["Last_Hyperparameter/Lr"].values
+    np.testing.assert_allclose(lrs, 1e-2 * 0.99 ** np.arange(6), rtol=1e-6)
+    run(tmp_path / "b", "diabetes.yaml", "Random_SteppedLR.yaml",
+        overrides=["hyperparameter_steps=6", "optimiser.lr_multiplier=3", "optimiser.lr_bounds=[1e-10, 0.05]"])
+    lrs = only_run(tmp_path / "b" / "runs").scalars["Last_Hyperparameter/Lr"].values
+    np.testing.assert_allclose(lrs, [1e-2, 3e-2, 0.05, 0.05, 0.05, 0.05], rtol=1e-6)
+
+
+def test_divergence_stops_cleanly_with_status_diverged(tmp_path, data_dir):
+    result = run_cli("train.py", "-c", "configs/uci_energy.yaml", "configs/Random.yaml", "--seed", "0",
+                     "--set", "optimiser.lr=50", "--set", f"dataset.data_dir={data_dir}",
+                     "-l", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "diverged after 10 weight steps" in result.stdout
+    record = only_run(tmp_path / "runs")
+    assert record.metrics["status"] == "diverged" and record.metrics["weight_steps"] == 10
+    assert record.metrics["final"]["Loss/Test"] is None           # NaN is written as null
+    assert math.isnan(record.scalars["Loss/Test"].values[-1])
+
+
+def test_run_directories_never_collide(tmp_path):
+    made = {util.make_run_dir(str(tmp_path), "group", "same") for _ in range(200)}
+    assert len(made) == 200 and all(path.is_dir() for path in made)
+
+
+def test_float64_runs_in_float64(tmp_path):
+    cfg = config.load_from([str(REPO / "configs/diabetes.yaml")], overrides=["dtype=float64"])
+    setup = train.prepare(cfg)
+    assert {p.dtype for p in setup.model.parameters()} == {torch.float64}
+    assert setup.splits.train.inputs.dtype == torch.float64
+
+
+@pytest.mark.slow
+def test_full_uci_energy_random_run_reads_back(tmp_path, data_dir):
+    result = run_cli("train.py", "-c", "configs/uci_energy.yaml", "configs/Random.yaml",
+                     "--set", f"dataset.data_dir={data_dir}", "-l", str(tmp_path / "runs"), "-g", "energy")
+    assert result.returncode == 0, result.stderr
+    record = only_run(tmp_path / "runs" / "energy")
+    assert record.metrics["weight_steps"] == 4000 and record.metrics["status"] == "completed"
+    assert record.scalars["Loss/Test"].steps[-1] == 4000
+    assert len(record.scalars["Last_Loss/Training"].steps) == 400
+    assert record.scalars["Unnormalised_Loss/Test"].values[-1] < record.scalars["Unnormalised_Loss/Test"].values[0]
+
+
+@pytest.mark.slow
+def test_quickstart_command(tmp_path):
+    """The README's first Quickstart command, as make runs it (logs redirected to a temporary folder)."""
+    result = run_cli("train.py", "-c", "configs/diabetes.yaml", "configs/Random.yaml", "-l", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Random on diabetes: completed after 4000 weight steps" in out
+    assert "loss in target units" in out and "hyperparameters" in out and "tensorboard --logdir" in out
+    record = only_run(tmp_path)
+    assert str(record.path) in out
+    assert record.metrics["final"]["Unnormalised_Loss/Test"] < 4000      # well below the target variance
