@@ -69,7 +69,7 @@ def test_get_tags_selects_tags_and_keeps_every_event(tmp_path):
 
 
 def test_classification_logs_accuracy(tmp_path):
-    run(tmp_path, "digits.yaml", "Random_TrainingSetOnly.yaml", overrides=["hyperparameter_steps=20"])
+    run(tmp_path, "digits.yaml", "Random_TrainingSetOnly.yaml", overrides=["hyperparameter_steps=60", "seed=0"])
     record = only_run(tmp_path / "runs")
     for split in ("Training", "Validation", "Test"):
         for prefix in ("", "Last_"):
@@ -118,11 +118,11 @@ def test_learner_does_exactly_the_sgd_steps_of_a_plain_torch_loop(data_dir):
 def test_stepped_lr_multiplies_after_each_window_and_clips(tmp_path):
     run(tmp_path / "a", "diabetes.yaml", "Random_SteppedLR.yaml", overrides=["hyperparameter_steps=6"])
     lrs = only_run(tmp_path / "a" / "runs").scalars["Last_Hyperparameter/Lr"].values
-    np.testing.assert_allclose(lrs, 1e-2 * 0.99 ** np.arange(6), rtol=1e-6)
+    np.testing.assert_allclose(lrs, 1e-3 * 0.99 ** np.arange(6), rtol=1e-6)
     run(tmp_path / "b", "diabetes.yaml", "Random_SteppedLR.yaml",
-        overrides=["hyperparameter_steps=6", "optimiser.lr_multiplier=3", "optimiser.lr_bounds=[1e-10, 0.05]"])
+        overrides=["hyperparameter_steps=6", "optimiser.lr_multiplier=3", "optimiser.lr_bounds=[1e-10, 0.02]"])
     lrs = only_run(tmp_path / "b" / "runs").scalars["Last_Hyperparameter/Lr"].values
-    np.testing.assert_allclose(lrs, [1e-2, 3e-2, 0.05, 0.05, 0.05, 0.05], rtol=1e-6)
+    np.testing.assert_allclose(lrs, [1e-3, 3e-3, 9e-3, 0.02, 0.02, 0.02], rtol=1e-6)
 
 
 def test_divergence_stops_cleanly_with_status_diverged(tmp_path, data_dir):
@@ -171,4 +171,4 @@ def test_quickstart_command(tmp_path):
     assert "loss in target units" in out and "hyperparameters" in out and "tensorboard --logdir" in out
     record = only_run(tmp_path)
     assert str(record.path) in out
-    assert record.metrics["final"]["Unnormalised_Loss/Test"] < 4000      # well below the target variance
+    assert record.metrics["final"]["Loss/Test"] < 0.8      # clearly better than predicting the mean (1.0)
