@@ -5,6 +5,8 @@ import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from config import ConfigError
@@ -17,8 +19,8 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 # Each loss is the mean over the batch, so full-data losses are size-weighted batch means.
-LOSSES: dict[str, Callable[[], nn.Module]] = {
-    "mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss,
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": F.mse_loss, "cross_entropy": F.cross_entropy,
 }
 
 
@@ -57,5 +59,5 @@ def build(cfg: ModelConfig, num_inputs: int, num_outputs: int) -> nn.Module:
     return MODELS[cfg.name](cfg)
 
 
-def build_loss(name: str) -> nn.Module:
-    return LOSSES[name]()
+def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return LOSSES[name]

@@ -5,8 +5,8 @@
 One run = `hyperparameter_steps` windows of `network_weight_steps` (T) weight steps; after each
 window the configured algorithm takes one hyperparameter step. Scalars are logged to TensorBoard
 at global weight-step indices: per-step tags every `log_every` steps (measured before that step's
-update) plus at the final step H*T; `Last_*` tags at every hyperparameter step h, measured at the
-last weight step of window h.
+update) plus at the final step H*T; `Last_*` tags at every hyperparameter step h, holding the
+measurement at step (h+1)*T, i.e. of the weights that window h produced.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import math
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class Setup:
     device: torch.device
     splits: datasets.Splits
     model: nn.Module
-    loss_fn: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,7 +81,7 @@ class Learner:
                                                            torch.Generator().manual_seed(cfg.seed + 2))
         self.hyperparameters = Hyperparameters(cfg.optimiser)
         self.algorithm = algorithms.build(cfg.algorithm, self.hyperparameters)
-        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=self.hyperparameters["lr"])
+        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=self.hyperparameters["lr"], foreach=True)
         self.steps_done = 0
         self.status = "running"
 
@@ -90,31 +91,36 @@ class Learner:
         for group in self.optimiser.param_groups:
             group.update(self.hyperparameters.values)
 
-    def weight_step(self) -> dict[str, torch.Tensor]:
-        """One SGD step on the next training batch; returns the batch's metrics before the update."""
+    def weight_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One SGD step on the next training batch; returns (outputs, targets, loss) from before
+        the update, for `batch_metrics` to turn into metrics when they are wanted."""
         inputs, targets = next(self.train_batches)
-        self.model.train()
+        if not self.model.training:    # evaluate() leaves eval mode behind; switch back only then
+            self.model.train()
         outputs = self.model(inputs)
         loss = self.loss_fn(outputs, targets)
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
         self.steps_done += 1
-        return self.batch_metrics(outputs.detach(), targets, loss.detach())
+        return outputs, targets, loss
 
     # -- measuring ------------------------------------------------------------------------------
 
     def batch_metrics(self, outputs: torch.Tensor, targets: torch.Tensor,
                       loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        metrics = {"Loss": loss}
+        metrics = {"Loss": loss.detach()}
         if self.splits.task == "classification":
-            metrics["Accuracy"] = (outputs.argmax(dim=1) == targets).to(loss.dtype).mean()
+            metrics["Accuracy"] = (outputs.detach().argmax(dim=1) == targets).to(loss.dtype).mean()
         return metrics
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Metrics over a whole set, in eval mode, in chunks of EVALUATION_BATCH rows."""
         self.model.eval()
+        if len(inputs) <= EVALUATION_BATCH:
+            outputs = self.model(inputs)
+            return self.batch_metrics(outputs, targets, self.loss_fn(outputs, targets))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, len(inputs), EVALUATION_BATCH):
             chunk = slice(start, start + EVALUATION_BATCH)
@@ -144,59 +150,74 @@ class Learner:
             tags.update({f"Unnormalised_Loss/{split}": metrics["Loss"] * scale
                          for split, metrics in measured.items()})
         names = list(tags)
-        values = torch.stack([tags[name].reshape(()).to(torch.float64) for name in names]).tolist()
-        return dict(zip(names, values, strict=True)) | self.hyperparameters.log_values()
+        values = torch.stack([tags[name] for name in names]).tolist()
+        return dict(zip(names, values, strict=True))
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Train for H windows of T steps, logging as configured; returns the final metrics."""
+        """Train for H windows of T steps, logging as configured; returns the final metrics.
+
+        The measurement at step (h+1)*T (the weights window h produced) is logged twice: as the
+        per-step tags at that step, when due, and as the Last_* tags of hyperparameter step h,
+        with the hyperparameters window h used. With log_every = T that is one measurement per window.
+        """
         cfg, T = self.cfg, self.cfg.network_weight_steps
         start = time.perf_counter()
         progress = tqdm(total=cfg.total_weight_steps, unit="step", disable=not sys.stderr.isatty(),
                         dynamic_ncols=True)
+        window_hyperparameters = {}
         for h in range(cfg.hyperparameter_steps):
+            previous_window_hyperparameters = window_hyperparameters
+            window_hyperparameters = self.hyperparameters.log_values()
             self.install_hyperparameters()
             for s in range(T):
-                step, last = h * T + s, s == T - 1
-                due = step % cfg.log_every == 0
+                step = h * T + s
+                due, closes_previous = step % cfg.log_every == 0, s == 0 and h > 0
                 # Held-out sets are measured at this step's weights, before its update.
-                held_out = self.measure_held_out() if due or last else None
-                train_metrics = self.weight_step()
+                held_out = self.measure_held_out() if due or closes_previous else None
+                step_result = self.weight_step()
                 if held_out is None:
                     continue
-                scalars = self.to_scalars({"Training": train_metrics} | held_out)
+                scalars = self.to_scalars({"Training": self.batch_metrics(*step_result)} | held_out)
                 if due:
-                    self._log(step, scalars)
-                if last:
-                    self._log(h, {f"Last_{tag}": value for tag, value in scalars.items()})
+                    self._log(step, scalars | window_hyperparameters)
+                if closes_previous:
+                    self._log_last(h - 1, scalars | previous_window_hyperparameters)
             progress.update(T)
-            if not math.isfinite(scalars["Loss/Training"]):
+            last_loss = step_result[-1].item()
+            if not math.isfinite(last_loss):
                 self.status = "diverged"
                 break
-            progress.set_postfix(loss=f"{scalars['Loss/Training']:.4g}", refresh=False)
+            progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
             self.algorithm.hyper_step()
             self.hyperparameters.end_window()
         progress.close()
-        return self.finish(time.perf_counter() - start)
+        return self.finish(time.perf_counter() - start, window_hyperparameters)
 
-    def finish(self, train_seconds: float) -> dict:
-        """Measure the final weights on whole splits, log them at step H*T, return the metrics."""
+    def finish(self, train_seconds: float, window_hyperparameters: dict[str, float]) -> dict:
+        """Measure the final weights on whole splits, log them at step H*T (and as the last
+        window's Last_* tags), return the metrics."""
         if self.status == "running":
             self.status = "completed"
         final = self.evaluate(self.splits.train.inputs, self.splits.train.targets)
         scalars = self.to_scalars({"Training": final} | self.measure_held_out(whole=True))
-        self._log(self.steps_done, scalars)
+        self._log(self.steps_done, scalars | self.hyperparameters.log_values())
+        self._log_last((self.steps_done - 1) // self.cfg.network_weight_steps, scalars | window_hyperparameters)
         return {
             "status": self.status,
             "weight_steps": self.steps_done,
             "train_seconds": train_seconds,
-            "final": {tag: util.finite_or_none(value) for tag, value in scalars.items()},
+            "final": {tag: util.finite_or_none(value)
+                      for tag, value in (scalars | self.hyperparameters.log_values()).items()},
         }
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         if self.log is not None:
             self.log.scalars(step, scalars)
+
+    def _log_last(self, hyperparameter_step: int, scalars: dict[str, float]) -> None:
+        self._log(hyperparameter_step, {f"Last_{tag}": value for tag, value in scalars.items()})
 
 
 # -------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def test_short_run_logs_every_tag_at_weight_step_indices(tmp_path, data_dir):
         np.testing.assert_array_equal(record.scalars[f"Last_{tag}"].steps, [0, 1, 2, 3, 4])
         assert np.isfinite(record.scalars[tag].values).all()
         assert (np.diff(record.scalars[tag].wall_times) >= 0).all()
+    for tag in ("Loss/Training", "Loss/Validation", "Unnormalised_Loss/Test"):   # Last_ at h = step (h+1)T
+        np.testing.assert_array_equal(record.scalars[f"Last_{tag}"].values, record.scalars[tag].values[1:])
     losses = record.scalars["Loss/Training"].values
     assert losses[-1] < losses[0]                                   # it learns
     scale = record.scalars["Unnormalised_Loss/Test"].values / record.scalars["Loss/Test"].values
