@@ -87,19 +87,50 @@ class ModelConfig:
     batch_norm: bool = option(False, "BatchNorm before each hidden activation")
 
 
+def _rule_names() -> list[str]:
+    from algorithms.weight_update import RULES
+    return sorted(RULES)
+
+
+def _hyperparameter_names() -> list[str]:
+    from algorithms.hyperparameters import TRANSFORMS
+    return list(TRANSFORMS)
+
+
 @dataclass(frozen=True)
 class OptimiserConfig:
-    name: str = option("sgd", "weight optimiser", choices=lambda: ["sgd"])
+    name: str = option("sgd", "weight-update rule (PyTorch's update rules)", choices=_rule_names)
     lr: float = option(1.0e-3, "initial learning rate", low=0.0, low_inclusive=False)
     weight_decay: float = option(0.0, "initial L2 weight decay (added to the gradient)", low=0.0)
-    momentum: float = option(0.0, "initial momentum (PyTorch convention: b <- mu b + g)",
+    momentum: float = option(0.0, "initial momentum, sgd (PyTorch convention: b <- mu b + g)",
                              low=0.0, high=1.0, high_inclusive=False)
+    beta1: float = option(0.9, "initial first-moment decay, adam", low=0.0, high=1.0, high_inclusive=False)
+    beta2: float = option(0.999, "initial second-moment decay, adam", low=0.0, high=1.0, high_inclusive=False)
     lr_multiplier: float | None = option(
         None, "multiply lr by this after every hyperparameter step (Random_SteppedLR)",
         low=0.0, low_inclusive=False)
     lr_bounds: tuple[float, float] = option(
         (1.0e-10, 1.0), "lr is clipped into [low, high] after each hyperparameter step",
         low=0.0, low_inclusive=False)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    hyperparameters: tuple[str, ...] = option(
+        (), "hyperparameters to optimise (of optimiser.name's rule)", choices=_hyperparameter_names)
+    high_dimensional: tuple[str, ...] = option(
+        (), "optimised hyperparameters that get one value per weight element", choices=lambda: ["lr"])
+    optimiser: str = option("adam", "hyper-optimiser, on log10 lr / log10 weight_decay / logit momentum",
+                            choices=lambda: ["adam", "sgd"])
+    lr: float = option(0.05, "hyper-optimiser step size", low=0.0)
+    rollback_distance: int = option(5, "i: Neumann-series terms of the implicit hypergradient", low=1)
+    unroll_steps: int | None = option(
+        5, "R: weight steps differentiated through before each hyperparameter step (unrolled "
+           "algorithms); null = the whole window", low=1)
+    reset_weights: bool = option(False, "unrolled: restart every window from the initial weights and "
+                                        "optimiser state (Long Diff-through-Opt)")
+    validation_data: str = option("validation", "data of the hypergradient's loss",
+                                  choices=lambda: ["validation", "training"])
 
 
 @dataclass(frozen=True)
@@ -110,6 +141,8 @@ class Config:
     loss: str = option("mse", "training and evaluation loss", choices=_loss_names)
     optimiser: OptimiserConfig = field(default_factory=OptimiserConfig,
                                        metadata=dict(doc="weight optimiser and initial hyperparameters"))
+    tuning: TuningConfig = field(default_factory=TuningConfig,
+                                 metadata=dict(doc="how the hyperparameters are optimised"))
     batch_size: int | None = option(None, "training batch size; null = the full training set", low=1)
     network_weight_steps: int = option(10, "weight steps per hyperparameter step (T)", low=1)
     hyperparameter_steps: int = option(400, "number of hyperparameter steps (H); H*T weight steps in all", low=1)
@@ -147,7 +180,22 @@ def parse_yaml_value(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: could not parse {text!r} as YAML") from error
 
 
-def read_yaml_file(path: str) -> dict:
+def read_yaml_file(path: str, sources: dict, _seen: tuple = ()) -> dict:
+    """Read one config file, recording in `sources` which file set each key. A file may build on
+    others, named relative to itself in `extends: [a.yaml, ...]`: they are merged first."""
+    content = _read_one_yaml(path)
+    bases = content.pop("extends", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = str(Path(path).parent / base)
+        if Path(base_path).resolve() in _seen + (Path(path).resolve(),):
+            raise ConfigError(f"{path}: 'extends' goes round in a circle through {base}")
+        merged = deep_merge(merged, read_yaml_file(base_path, sources, _seen + (Path(path).resolve(),)),
+                            base_path, {})
+    return deep_merge(merged, content, path, sources)
+
+
+def _read_one_yaml(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -298,8 +346,9 @@ def _check_value(value: Any, annotation: Any, meta: dict, path: tuple, sources: 
     for item in value if isinstance(value, tuple) else (value,):
         _check_range(item, meta, where, value)
     choices = meta.get("choices")
-    if choices is not None and value not in choices():
-        raise ConfigError(f"{where}: unknown name {value!r}; valid: {', '.join(choices())}")
+    for item in value if isinstance(value, tuple) else (value,):
+        if choices is not None and item not in choices():
+            raise ConfigError(f"{where}: unknown name {item!r}; valid: {', '.join(choices())}")
     return value
 
 
@@ -319,8 +368,36 @@ def _check_consistency(cfg: Config) -> None:
     low, high = cfg.optimiser.lr_bounds
     if low >= high:
         raise ConfigError(f"optimiser.lr_bounds = {list(cfg.optimiser.lr_bounds)}: low must be below high")
+    _check_tuning(cfg)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"device = {cfg.device!r}: valid values are auto, cpu, cuda or cuda:N")
+
+
+def _check_tuning(cfg: Config) -> None:
+    from algorithms.weight_update import RULES
+    tuning, rule = cfg.tuning, RULES[cfg.optimiser.name]
+    for name in tuning.hyperparameters:
+        if name not in rule.hyperparameters:
+            raise ConfigError(f"tuning.hyperparameters: '{name}' is not a hyperparameter of optimiser.name = "
+                              f"{cfg.optimiser.name!r} (it has {', '.join(rule.hyperparameters)})")
+        if getattr(cfg.optimiser, name) <= 0:
+            raise ConfigError(f"optimiser.{name} = {getattr(cfg.optimiser, name)}: an optimised hyperparameter "
+                              f"must start above 0 (it is optimised as its log10 or logit)")
+    for name in tuning.high_dimensional:
+        if name not in tuning.hyperparameters:
+            raise ConfigError(f"tuning.high_dimensional: '{name}' must also be in tuning.hyperparameters")
+    if cfg.optimiser.lr_multiplier is not None and "lr" in tuning.hyperparameters:
+        raise ConfigError("optimiser.lr_multiplier: a fixed lr schedule cannot be combined with an optimised lr")
+    import algorithms
+    algorithms.ALGORITHMS[cfg.algorithm].check_config(cfg)
+    optimises = algorithms.ALGORITHMS[cfg.algorithm].optimises
+    if optimises != bool(tuning.hyperparameters):
+        raise ConfigError(f"algorithm {cfg.algorithm} " + (
+            "optimises hyperparameters: name them in tuning.hyperparameters" if optimises else
+            "keeps its hyperparameters fixed: tuning.hyperparameters must be empty"))
+    if optimises and tuning.validation_data == "validation" and cfg.dataset.validation_proportion == 0:
+        raise ConfigError(f"{cfg.algorithm} optimises on validation data, but dataset.validation_proportion "
+                          f"is 0: set it above 0 (or tuning.validation_data: training)")
 
 
 def build_config(values: dict, sources: dict | None = None) -> Config:
@@ -399,7 +476,9 @@ def load_from(files: list[str], flags: dict | None = None, overrides: list[str] 
     """Merge `files`, then `flags` ({dotted key: value or None}), then 'key=value' overrides."""
     values, sources = {}, {}
     for path in files:
-        values = deep_merge(values, read_yaml_file(path), path, sources)
+        file_sources: dict = {}
+        values = deep_merge(values, read_yaml_file(path, file_sources), path, sources)
+        sources.update(file_sources)       # a key set by an extended file names that file
     for key, value in (flags or {}).items():
         if value is not None:
             values = deep_merge(values, _nest(key, value), f"--{key}", sources)

@@ -27,7 +27,9 @@ import config
 import datasets
 import models
 import util
+from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
+from algorithms.weight_update import RULES
 from config import Config, ConfigError
 
 EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
@@ -66,42 +68,53 @@ def prepare(cfg: Config) -> Setup:
 
 
 class Learner:
-    """The training loop: T weight steps, one hyperparameter step, repeated H times."""
+    """The training loop: T weight steps, one hyperparameter step, repeated H times.
+
+    The Learner owns the weights (the model's parameters), the weight-update rule's state and the
+    hyperparameters; the algorithm decides how the last steps of each window are taken and turns
+    them into a hyperparameter step.
+    """
 
     def __init__(self, setup: Setup, log: util.RunLog | None = None):
         cfg = self.cfg = setup.cfg
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
-        # Separate generators: the training order must not depend on how often validation is read.
-        self.train_batches = datasets.BatchStream(self.splits.train, cfg.batch_size,
-                                                  torch.Generator().manual_seed(cfg.seed + 1))
+        # One generator per stream: the training order must not depend on how often the others are read.
+        self.train_batches = self._stream(self.splits.train, 1)
         self.validation_batches = None
         if self.splits.validation is not None and not cfg.dataset.full_validation:
-            self.validation_batches = datasets.BatchStream(self.splits.validation, cfg.batch_size,
-                                                           torch.Generator().manual_seed(cfg.seed + 2))
-        self.hyperparameters = Hyperparameters(cfg.optimiser)
-        self.algorithm = algorithms.build(cfg.algorithm, self.hyperparameters)
-        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=self.hyperparameters["lr"], foreach=True)
+            self.validation_batches = self._stream(self.splits.validation, 2)
+        hyper_split = self.splits.train if cfg.tuning.validation_data == "training" else self.splits.validation
+        self.hyper_batches = self._stream(hyper_split, 3) if hyper_split is not None else None
+        self.params = list(self.model.parameters())
+        self.rule = RULES[cfg.optimiser.name]
+        self.rule_state = self.rule.init_state(self.params)
+        self.hyperparameters = Hyperparameters(cfg, self.rule.hyperparameters, self.params)
+        self.fast_stepper = Stepper(self.model, self._fast_step)
+        self.algorithm = algorithms.build(cfg, self)
         self.steps_done = 0
         self.status = "running"
 
-    # -- one weight step ---------------------------------------------------------------------
+    def _stream(self, split: datasets.Split, offset: int) -> datasets.BatchStream:
+        return datasets.BatchStream(split, self.cfg.batch_size, torch.Generator().manual_seed(self.cfg.seed + offset))
 
-    def install_hyperparameters(self) -> None:
-        for group in self.optimiser.param_groups:
-            group.update(self.hyperparameters.values)
+    # -- weight steps -----------------------------------------------------------------------------
 
-    def weight_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One SGD step on the next training batch; returns (outputs, targets, loss) from before
-        the update, for `batch_metrics` to turn into metrics when they are wanted."""
-        inputs, targets = next(self.train_batches)
-        if not self.model.training:    # evaluate() leaves eval mode behind; switch back only then
-            self.model.train()
+    def _fast_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An untracked step: gradient, then the rule's in-place update; no graph survives it."""
         outputs = self.model(inputs)
         loss = self.loss_fn(outputs, targets)
-        self.optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimiser.step()
+        grads = torch.autograd.grad(loss, self.params)
+        self.rule.update_(self.params, grads, self.rule_state, self.fast_hyperparameters)
+        return outputs, loss
+
+    def weight_step(self, stepper: Stepper) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step on the next training batch; returns (outputs, targets, loss) from before the
+        update, for `batch_metrics` to turn into metrics when they are wanted."""
+        inputs, targets = next(self.train_batches)
+        if not stepper.model.training:    # evaluate() leaves eval mode behind; switch back only then
+            stepper.model.train()
+        outputs, loss = stepper.step(inputs, targets)
         self.steps_done += 1
         return outputs, targets, loss
 
@@ -115,30 +128,34 @@ class Learner:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Metrics over a whole set, in eval mode, in chunks of EVALUATION_BATCH rows."""
-        self.model.eval()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Metrics of `model` (default: the Learner's) over a whole set, in eval mode, in chunks
+        of EVALUATION_BATCH rows."""
+        model = model or self.model
+        model.eval()
         if len(inputs) <= EVALUATION_BATCH:
-            outputs = self.model(inputs)
+            outputs = model(inputs)
             return self.batch_metrics(outputs, targets, self.loss_fn(outputs, targets))
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, len(inputs), EVALUATION_BATCH):
             chunk = slice(start, start + EVALUATION_BATCH)
-            outputs = self.model(inputs[chunk])
+            outputs = model(inputs[chunk])
             metrics = self.batch_metrics(outputs, targets[chunk], self.loss_fn(outputs, targets[chunk]))
             for name, value in metrics.items():   # batch means, weighted by the chunk's size
                 totals[name] = totals.get(name, 0) + value * len(outputs)
         return {name: total / len(inputs) for name, total in totals.items()}
 
-    def measure_held_out(self, whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    def measure_held_out(self, model: nn.Module | None = None,
+                         whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """Validation (the next batch, or the whole split) and test (the whole split) metrics."""
         measured = {}
         validation = self.splits.validation
         if validation is not None:
             use_batch = self.validation_batches is not None and not whole
             batch = next(self.validation_batches) if use_batch else (validation.inputs, validation.targets)
-            measured["Validation"] = self.evaluate(*batch)
-        measured["Test"] = self.evaluate(self.splits.test.inputs, self.splits.test.targets)
+            measured["Validation"] = self.evaluate(*batch, model=model)
+        measured["Test"] = self.evaluate(self.splits.test.inputs, self.splits.test.targets, model=model)
         return measured
 
     def to_scalars(self, measured: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -163,37 +180,46 @@ class Learner:
         with the hyperparameters window h used. With log_every = T that is one measurement per window.
         """
         cfg, T = self.cfg, self.cfg.network_weight_steps
+        tracked = self.algorithm.tracked_steps
         start = time.perf_counter()
         progress = tqdm(total=cfg.total_weight_steps, unit="step", disable=not sys.stderr.isatty(),
                         dynamic_ncols=True)
-        window_hyperparameters = {}
+        self._window_hyperparameters: dict[str, float] = {}
         for h in range(cfg.hyperparameter_steps):
-            previous_window_hyperparameters = window_hyperparameters
-            window_hyperparameters = self.hyperparameters.log_values()
-            self.install_hyperparameters()
-            for s in range(T):
-                step = h * T + s
-                due, closes_previous = step % cfg.log_every == 0, s == 0 and h > 0
-                # Held-out sets are measured at this step's weights, before its update.
-                held_out = self.measure_held_out() if due or closes_previous else None
-                step_result = self.weight_step()
-                if held_out is None:
-                    continue
-                scalars = self.to_scalars({"Training": self.batch_metrics(*step_result)} | held_out)
-                if due:
-                    self._log(step, scalars | window_hyperparameters)
-                if closes_previous:
-                    self._log_last(h - 1, scalars | previous_window_hyperparameters)
-            progress.update(T)
-            last_loss = step_result[-1].item()
-            if not math.isfinite(last_loss):
-                self.status = "diverged"
-                break
-            progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
-            self.algorithm.hyper_step()
+            self.algorithm.start_window(self, h)
+            self._previous_window_hyperparameters = self._window_hyperparameters
+            self._window_hyperparameters = self.hyperparameters.log_values()
+            self.fast_hyperparameters = self.hyperparameters.natural_values()
+            for s in range(T - tracked):
+                loss = self._logged_step(h, s, self.fast_stepper)
+            with self.algorithm.tracking(self) as stepper:
+                for s in range(T - tracked, T):
+                    loss = self._logged_step(h, s, stepper)
+                last_loss = loss.item()
+                if not math.isfinite(last_loss):
+                    self.status = "diverged"
+                    break
+                self.algorithm.hyper_step(self, stepper)
             self.hyperparameters.end_window()
+            progress.update(T)
+            progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
         progress.close()
-        return self.finish(time.perf_counter() - start, window_hyperparameters)
+        return self.finish(time.perf_counter() - start, self._window_hyperparameters)
+
+    def _logged_step(self, h: int, s: int, stepper: Stepper) -> torch.Tensor:
+        """Weight step h*T + s, measured and logged when due; returns its training loss."""
+        step = h * self.cfg.network_weight_steps + s
+        due, closes_previous = step % self.cfg.log_every == 0, s == 0 and h > 0
+        # Held-out sets are measured at this step's weights, before its update.
+        held_out = self.measure_held_out(stepper.model) if due or closes_previous else None
+        step_result = self.weight_step(stepper)
+        if held_out is not None:
+            scalars = self.to_scalars({"Training": self.batch_metrics(*step_result)} | held_out)
+            if due:
+                self._log(step, scalars | self._window_hyperparameters)
+            if closes_previous:
+                self._log_last(h - 1, scalars | self._previous_window_hyperparameters)
+        return step_result[-1]
 
     def finish(self, train_seconds: float, window_hyperparameters: dict[str, float]) -> dict:
         """Measure the final weights on whole splits, log them at step H*T (and as the last

@@ -1,20 +1,39 @@
 """Hyperparameter optimisers, by the algorithm names used in configs/ and in the paper's figures.
 
 Names differ by configuration as well as by code: the four Random baselines share one class and
-differ in their YAML (validation split, full validation evaluation, lr multiplier).
+differ in their YAML (validation split, full validation evaluation, lr multiplier); Ours_*,
+Lorraine and Baydin are settings of the implicit optimiser; Diff-through-Opt and its Long variants
+settings of the unrolled one.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from algorithms.base import HyperOptimiser
-from algorithms.hyperparameters import Hyperparameters
+from algorithms.implicit import ImplicitHyperOptimiser
+from algorithms.unrolled import UnrolledHyperOptimiser
+
+if TYPE_CHECKING:
+    from config import Config
+    from train import Learner
 
 ALGORITHMS: dict[str, type[HyperOptimiser]] = {
     "Random": HyperOptimiser,
     "Random_SteppedLR": HyperOptimiser,
     "Random_Validation": HyperOptimiser,
     "Random_TrainingSetOnly": HyperOptimiser,
+    "Lorraine": ImplicitHyperOptimiser,
+    "Baydin": ImplicitHyperOptimiser,
+    "Ours_LR": ImplicitHyperOptimiser,
+    "Ours_LR_Momentum": ImplicitHyperOptimiser,
+    "Ours_HDLR_Momentum": ImplicitHyperOptimiser,
+    "DiffThroughOpt": UnrolledHyperOptimiser,
+    "LongDiffThroughOpt_UCI_Standalone": UnrolledHyperOptimiser,
+    "LongDiffThroughOpt_UCI_Full": UnrolledHyperOptimiser,
+    "LongDiffThroughOpt_FashionMNIST_Standalone": UnrolledHyperOptimiser,
+    "LongDiffThroughOpt_FashionMNIST_Medium": UnrolledHyperOptimiser,
 }
 
 
-def build(name: str, hyperparameters: Hyperparameters) -> HyperOptimiser:
-    return ALGORITHMS[name](hyperparameters)
+def build(cfg: Config, learner: Learner) -> HyperOptimiser:
+    return ALGORITHMS[cfg.algorithm](cfg, learner)

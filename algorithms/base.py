@@ -1,24 +1,75 @@
 """The interface between the training loop and a hyperparameter optimiser."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
 if TYPE_CHECKING:
-    from algorithms.hyperparameters import Hyperparameters
+    from config import Config
+    from train import Learner
+
+
+@dataclass
+class Stepper:
+    """How weight steps are taken: `step(inputs, targets) -> (outputs, loss)` updates the weights
+    of `model`, the module to evaluate at the current weights."""
+    model: nn.Module
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HyperOptimiser:
-    """Turns each window of T weight steps into a hyperparameter update.
+    """Turns each window of T weight steps into a hyperparameter step.
 
-    The training loop asks `differentiable_steps` how many of the last weight steps of each
-    window must keep their autograd graph, and calls `hyper_step` once at the end of every window.
-    This base class leaves the hyperparameters where they started: the Random baselines.
+    The loop takes the first T - `tracked_steps` steps of a window on the fast path (no graph),
+    then enters `tracking()` for the last `tracked_steps` steps and calls `hyper_step()` inside it.
+    This base class keeps the hyperparameters fixed: the Random baselines.
     """
 
-    differentiable_steps = 0
+    optimises = False
+    tracked_steps = 0
 
-    def __init__(self, hyperparameters: Hyperparameters):
-        self.hyperparameters = hyperparameters
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ConfigError for settings this algorithm cannot honour (before anything runs)."""
 
-    def hyper_step(self) -> None:
+    def __init__(self, cfg: Config, learner: Learner):
+        self.cfg = cfg
+        self.hyperparameters = learner.hyperparameters
+
+    def start_window(self, learner: Learner, window: int) -> None:
+        """Called before each window's first weight step."""
+
+    @contextlib.contextmanager
+    def tracking(self, learner: Learner) -> Iterator[Stepper]:
+        yield learner.fast_stepper
+
+    def hyper_step(self, learner: Learner, stepper: Stepper) -> None:
         """Update the hyperparameters from the window just finished (nothing, for Random)."""
+
+
+class GradientHyperOptimiser(HyperOptimiser):
+    """A hyperparameter optimiser that follows hypergradients with a torch optimiser over the
+    raw hyperparameters (Adam or SGD), clipping lr into its bounds after every step."""
+
+    optimises = True
+
+    def __init__(self, cfg: Config, learner: Learner):
+        super().__init__(cfg, learner)
+        optimiser = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.tuning.optimiser]
+        self.optimiser = optimiser(self.hyperparameters.leaves(), lr=cfg.tuning.lr)
+
+    def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
+        """d(validation loss)/d(raw hyperparameters), one tensor per leaf."""
+        raise NotImplementedError
+
+    def hyper_step(self, learner: Learner, stepper: Stepper) -> None:
+        grads = self.hypergradient(learner, stepper)
+        for leaf, grad in zip(self.hyperparameters.leaves(), grads, strict=True):
+            leaf.grad = grad
+        self.optimiser.step()
+        self.hyperparameters.clip_()

@@ -1,29 +1,28 @@
 """Weight-update hyperparameters: natural values, their unconstrained parametrisation, schedules.
 
-Configs and logs speak natural units. Gradient-based hyperparameter optimisers work on an
-unconstrained parametrisation instead, so that no step can leave the valid range:
+Configs and logs speak natural units. Hyperparameter optimisers work on an unconstrained ("raw")
+parametrisation instead, so that no step can leave the valid range:
 
-    lr = 10^a,   weight_decay = 10^c,   momentum = sigmoid(m)
+    lr = 10^a,  weight_decay = 10^c,  momentum = sigmoid(m),  beta1 = sigmoid(b1),  beta2 = sigmoid(b2)
 
-`to_raw` and `to_natural` convert between the two.
+Optimised hyperparameters are raw leaf tensors (one per weight tensor, shaped like it, when
+high-dimensional); `natural()` maps them through the transforms with autograd, so hypergradients
+reach the raw values. The others are constants in natural units.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from config import OptimiserConfig
-
-NAMES = ("lr", "weight_decay", "momentum")
+    from config import Config
 
 # name -> (natural -> raw, raw -> natural), on tensors.
-TRANSFORMS = {
-    "lr": (torch.log10, lambda raw: torch.pow(10.0, raw)),
-    "weight_decay": (torch.log10, lambda raw: torch.pow(10.0, raw)),
-    "momentum": (torch.logit, torch.sigmoid),
-}
+_LOG10 = (torch.log10, lambda raw: torch.pow(10.0, raw))
+_LOGIT = (torch.logit, torch.sigmoid)
+TRANSFORMS = {"lr": _LOG10, "weight_decay": _LOG10, "momentum": _LOGIT, "beta1": _LOGIT, "beta2": _LOGIT}
 
 
 def to_raw(name: str, natural: torch.Tensor) -> torch.Tensor:
@@ -40,21 +39,73 @@ def tag(name: str) -> str:
 
 
 class Hyperparameters:
-    """The current natural values of lr, weight_decay and momentum, plus the ×LR schedule."""
+    """The hyperparameters of one weight-update rule, as raw leaves (optimised) or constants."""
 
-    def __init__(self, cfg: OptimiserConfig):
-        self.values = {name: float(getattr(cfg, name)) for name in NAMES}
-        self.lr_multiplier = cfg.lr_multiplier
-        self.lr_bounds = cfg.lr_bounds
+    def __init__(self, cfg: Config, names: tuple[str, ...], params: list[torch.Tensor]):
+        self.names = names
+        self.optimised = tuple(n for n in names if n in cfg.tuning.hyperparameters)
+        self.high_dimensional = tuple(cfg.tuning.high_dimensional)
+        self.lr_multiplier = cfg.optimiser.lr_multiplier
+        self.lr_bounds = cfg.optimiser.lr_bounds
+        like = params[0]
+        self.constants = {n: float(getattr(cfg.optimiser, n)) for n in names if n not in self.optimised}
+        self.raw: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+        for name in self.optimised:
+            raw = to_raw(name, torch.tensor(float(getattr(cfg.optimiser, name)), dtype=like.dtype,
+                                            device=like.device))
+            self.raw[name] = ([torch.full_like(p, raw.item()).requires_grad_() for p in params]
+                              if name in self.high_dimensional else raw.requires_grad_())
 
-    def __getitem__(self, name: str) -> float:
-        return self.values[name]
+    def leaves(self) -> list[torch.Tensor]:
+        """The raw tensors a hyper-optimiser steps, in a fixed order."""
+        return [leaf for name in self.optimised
+                for leaf in (self.raw[name] if isinstance(self.raw[name], list) else [self.raw[name]])]
+
+    def natural(self) -> dict:
+        """Natural values, differentiable with respect to the raw leaves (for tracked steps)."""
+        values = {}
+        for name in self.names:
+            raw = self.raw.get(name)
+            if raw is None:
+                values[name] = self.constants[name]
+            else:
+                values[name] = [to_natural(name, r) for r in raw] if isinstance(raw, list) else to_natural(name, raw)
+        return values
+
+    @torch.no_grad()
+    def natural_values(self) -> dict:
+        """Natural values without a graph, for the fast path: floats, or tensor lists when
+        high-dimensional (one host sync per call)."""
+        return {name: value.item() if isinstance(value, torch.Tensor) else value
+                for name, value in self.natural().items()}
+
+    @torch.no_grad()
+    def clip_(self) -> None:
+        """Keep an optimised lr inside lr_bounds (in raw space, after each hyperparameter step)."""
+        if "lr" in self.raw:
+            low, high = (math.log10(bound) for bound in self.lr_bounds)
+            for leaf in self.raw["lr"] if isinstance(self.raw["lr"], list) else [self.raw["lr"]]:
+                leaf.clamp_(low, high)
 
     def end_window(self) -> None:
-        """After each hyperparameter step: scale lr by the multiplier (if any), clipped to lr_bounds."""
+        """After each hyperparameter step: scale a fixed lr by the multiplier (if any), clipped."""
         if self.lr_multiplier is not None:
             low, high = self.lr_bounds
-            self.values["lr"] = min(max(self.values["lr"] * self.lr_multiplier, low), high)
+            self.constants["lr"] = min(max(self.constants["lr"] * self.lr_multiplier, low), high)
 
+    @torch.no_grad()
     def log_values(self) -> dict[str, float]:
-        return {tag(name): value for name, value in self.values.items()}
+        """Natural values for TensorBoard; a high-dimensional one as its mean over all elements."""
+        values = {}
+        for name, value in self.natural().items():
+            if isinstance(value, list):
+                flat = torch.cat([v.reshape(-1) for v in value])
+                value = flat.mean()
+            values[tag(name)] = float(value)
+        return values
+
+    @torch.no_grad()
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Every element of each high-dimensional hyperparameter (natural values), by tag."""
+        return {tag(name): torch.cat([to_natural(name, r).reshape(-1) for r in self.raw[name]])
+                for name in self.high_dimensional}

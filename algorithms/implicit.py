@@ -1,0 +1,75 @@
+"""Implicit differentiation through the weight update (Ours, Lorraine; Baydin as its i = 1 case).
+
+Near a fixed point of the update w_t = w_{t-1} - u(lambda, w_{t-1}), the implicit function theorem
+gives dw*/dlambda = -(du/dw)^{-1} du/dlambda. Truncating the Neumann series of the inverse after i
+terms, with J = dw_t/dw_{t-1} = I - du/dw and the validation gradient v = dL_V/dw at w_t:
+
+    p = sum_{j=0}^{i-1} v^T J^j          (i - 1 vector-Jacobian products through the last step)
+    dL_V/dlambda ~= -p^T du/dlambda = p^T dw_t/dlambda      (one more, into the raw lambda)
+
+Only the last weight step of each window keeps a graph: it is taken from a detached copy of the
+weights, so the update can be written into the model at once while the graph stays valid. With
+i = 1 no second derivatives are needed and the step's gradient is built without create_graph: with
+the training data as validation data and T = 1 this is Baydin et al.'s hypergradient descent.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch.func import functional_call
+
+from algorithms.base import GradientHyperOptimiser, Stepper
+
+if TYPE_CHECKING:
+    from config import Config
+    from train import Learner
+
+
+class ImplicitHyperOptimiser(GradientHyperOptimiser):
+    tracked_steps = 1
+
+    def __init__(self, cfg: Config, learner: Learner):
+        super().__init__(cfg, learner)
+        self.rollback_distance = cfg.tuning.rollback_distance
+        self.names = [name for name, _ in learner.model.named_parameters()]
+        self._last_step: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def tracking(self, learner: Learner) -> Iterator[Stepper]:
+        def tracked_step(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            before = [p.detach().clone().requires_grad_() for p in learner.params]
+            outputs = functional_call(learner.model, dict(zip(self.names, before, strict=True)), (inputs,))
+            loss = learner.loss_fn(outputs, targets)
+            grads = torch.autograd.grad(loss, before, create_graph=self.rollback_distance > 1)
+            after, state = learner.rule.update(before, grads, learner.rule_state, self.hyperparameters.natural())
+            with torch.no_grad():
+                torch._foreach_copy_(learner.params, after)
+            learner.rule_state = _detached(state)
+            self._last_step = (before, after)
+            return outputs, loss
+
+        try:
+            yield Stepper(learner.model, tracked_step)
+        finally:
+            self._last_step = None        # drop the graph
+
+    def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
+        before, after = self._last_step
+        inputs, targets = next(learner.hyper_batches)
+        learner.model.eval()
+        validation_loss = learner.loss_fn(learner.model(inputs), targets)   # at the weights `after` holds
+        term = list(torch.autograd.grad(validation_loss, learner.params))
+        total = list(term)
+        for _ in range(self.rollback_distance - 1):
+            term = list(torch.autograd.grad(after, before, grad_outputs=term, retain_graph=True))
+            torch._foreach_add_(total, term)
+        leaves = self.hyperparameters.leaves()
+        grads = torch.autograd.grad(after, leaves, grad_outputs=total, allow_unused=True)
+        return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
+
+
+def _detached(state: dict) -> dict:
+    return {key: [v.detach() for v in value] if isinstance(value, list) else value for key, value in state.items()}
