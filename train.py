@@ -190,6 +190,7 @@ class Learner:
             self._previous_window_hyperparameters = self._window_hyperparameters
             self._window_hyperparameters = self.hyperparameters.log_values()
             self.fast_hyperparameters = self.hyperparameters.natural_values()
+            self._log_histograms(h)
             for s in range(T - tracked):
                 loss = self._logged_step(h, s, self.fast_stepper)
             with self.algorithm.tracking(self) as stepper:
@@ -241,6 +242,12 @@ class Learner:
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         if self.log is not None:
             self.log.scalars(step, scalars)
+
+    def _log_histograms(self, hyperparameter_step: int) -> None:
+        """Every element of each high-dimensional hyperparameter, as used in this window."""
+        if self.log is not None:
+            for tag, values in self.hyperparameters.histograms().items():
+                self.log.histogram(hyperparameter_step, tag, values.cpu().numpy())
 
     def _log_last(self, hyperparameter_step: int, scalars: dict[str, float]) -> None:
         self._log(hyperparameter_step, {f"Last_{tag}": value for tag, value in scalars.items()})

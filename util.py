@@ -21,6 +21,7 @@ import google_crc32c
 import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import summary as tensorboard_summary
 
 
 def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
@@ -74,6 +75,10 @@ class RunLog:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+        self._write(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
+        summary = tensorboard_summary.histogram(tag, values, bins=64)
         self._write(Event(wall_time=time.time(), step=step, summary=summary))
 
     def _write(self, event: Event) -> None:

@@ -174,3 +174,42 @@ def test_quickstart_command(tmp_path):
     record = only_run(tmp_path)
     assert str(record.path) in out
     assert record.metrics["final"]["Loss/Test"] < 0.8      # clearly better than predicting the mean (1.0)
+
+
+ALGORITHM_CONFIGS = {
+    # algorithm: the hyperparameters it tunes (the others must stay fixed)
+    "Ours_LR": ("Lr", "Weight_Decay"),
+    "Ours_LR_Momentum": ("Lr", "Weight_Decay", "Momentum"),
+    "Ours_HDLR_Momentum": ("Lr", "Weight_Decay", "Momentum"),
+    "Lorraine": ("Weight_Decay",),
+    "Baydin": ("Lr",),
+    "DiffThroughOpt": ("Lr", "Weight_Decay", "Momentum"),
+    "LongDiffThroughOpt_UCI_Standalone": ("Lr", "Weight_Decay", "Momentum"),
+}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_CONFIGS)
+def test_every_algorithm_runs_from_its_config_and_logs_its_hyperparameters(algorithm, tmp_path, data_dir):
+    steps = ["hyperparameter_steps=40"] if algorithm != "LongDiffThroughOpt_UCI_Standalone" else \
+        ["hyperparameter_steps=3", "network_weight_steps=20"]
+    run(tmp_path, "uci_energy.yaml", f"{algorithm}.yaml", data_dir=data_dir,
+        overrides=[*steps, "seed=0", "optimiser.weight_decay=1e-3"])
+    record = only_run(tmp_path / "runs")
+    assert record.metrics["status"] == "completed" and record.config["algorithm"] == algorithm
+    for name in ("Lr", "Weight_Decay", "Momentum"):
+        trajectory = record.scalars[f"Last_Hyperparameter/{name}"].values
+        assert np.isfinite(trajectory).all()
+        assert (len(np.unique(trajectory)) > 1) == (name in ALGORITHM_CONFIGS[algorithm]), (name, trajectory)
+    assert np.isfinite(record.scalars["Loss/Test"].values).all()
+
+
+def test_per_element_learning_rates_are_logged_as_histograms(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+    run_dir, _ = run(tmp_path, "uci_energy.yaml", "Ours_HDLR_Momentum.yaml", data_dir=data_dir,
+                     overrides=["hyperparameter_steps=5"])
+    accumulator = EventAccumulator(str(run_dir), size_guidance={HISTOGRAMS: 0})
+    accumulator.Reload()
+    histograms = accumulator.Histograms("Hyperparameter/Lr")
+    assert [h.step for h in histograms] == [0, 1, 2, 3, 4]
+    assert histograms[0].histogram_value.num == 8 * 50 + 50 + 50 + 1     # one lr per weight element
+    assert histograms[-1].histogram_value.max > histograms[-1].histogram_value.min
