@@ -28,3 +28,5 @@ data: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_algorithms.py --workload uci_energy
+	$(PY) bench/bench_algorithms.py --workload fashion_mnist_sized

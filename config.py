@@ -461,6 +461,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                         help="config files, deep-merged in order (later wins)")
     for flags, key, kind, text in _FLAGS:
         parser.add_argument(*flags, dest=key, type=kind, default=None, help=f"sets {key}: {text}")
+    parser.add_argument("-S", "--save_state", metavar="FILE",
+                        help="write a checkpoint of the complete training state to FILE at the end")
+    parser.add_argument("-s", "--load_state", metavar="FILE",
+                        help="resume from a checkpoint: same config (hyperparameter_steps may grow), "
+                             "logging on in its run directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set any key, e.g. --set optimiser.lr=1e-2 (VALUE is YAML); repeatable")
     return parser
@@ -468,8 +473,13 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 def load(argv: list[str] | None = None) -> Config:
     """Parse the command line into a validated Config (argparse exits 2 on a malformed command)."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The validated Config, and the parsed arguments (for the options that are not config keys)."""
     args = build_parser().parse_args(argv)
-    return load_from(args.config, {key: getattr(args, key) for _, key, _, _ in _FLAGS}, args.overrides)
+    return load_from(args.config, {key: getattr(args, key) for _, key, _, _ in _FLAGS}, args.overrides), args
 
 
 def load_from(files: list[str], flags: dict | None = None, overrides: list[str] | None = None) -> Config:

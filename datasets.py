@@ -180,6 +180,13 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._position = state["order"].to(self.split.inputs.device), state["position"]
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.full_batch:
             return self.split.inputs, self.split.targets

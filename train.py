@@ -93,7 +93,36 @@ class Learner:
         self.fast_stepper = Stepper(self.model, self._fast_step)
         self.algorithm = algorithms.build(cfg, self)
         self.steps_done = 0
+        self.windows_done = 0
+        self.resumed_at: int | None = None     # the step a resumed run's predecessor already logged
         self.status = "running"
+        self._window_hyperparameters: dict[str, float] = {}
+
+    def _streams(self) -> dict[str, datasets.BatchStream]:
+        named = {"train": self.train_batches, "validation": self.validation_batches, "hyper": self.hyper_batches}
+        return {name: stream for name, stream in named.items() if stream is not None}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit (between windows)."""
+        return {
+            "steps_done": self.steps_done, "windows_done": self.windows_done,
+            "model": self.model.state_dict(), "rule_state": self.rule_state,
+            "hyperparameters": self.hyperparameters.state_dict(), "algorithm": self.algorithm.state_dict(),
+            "streams": {name: stream.state_dict() for name, stream in self._streams().items()},
+            "torch_rng": torch.get_rng_state(), "window_hyperparameters": self._window_hyperparameters,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done, self.windows_done = state["steps_done"], state["windows_done"]
+        self.resumed_at = self.steps_done
+        self.model.load_state_dict(state["model"])
+        self.rule_state = state["rule_state"]
+        self.hyperparameters.load_state_dict(state["hyperparameters"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        for name, stream in self._streams().items():
+            stream.load_state_dict(state["streams"][name])
+        torch.set_rng_state(state["torch_rng"])
+        self._window_hyperparameters = state["window_hyperparameters"]
 
     def _stream(self, split: datasets.Split, offset: int) -> datasets.BatchStream:
         return datasets.BatchStream(split, self.cfg.batch_size, torch.Generator().manual_seed(self.cfg.seed + offset))
@@ -182,10 +211,9 @@ class Learner:
         cfg, T = self.cfg, self.cfg.network_weight_steps
         tracked = self.algorithm.tracked_steps
         start = time.perf_counter()
-        progress = tqdm(total=cfg.total_weight_steps, unit="step", disable=not sys.stderr.isatty(),
-                        dynamic_ncols=True)
-        self._window_hyperparameters: dict[str, float] = {}
-        for h in range(cfg.hyperparameter_steps):
+        progress = tqdm(total=cfg.total_weight_steps, initial=self.steps_done, unit="step",
+                        disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        for h in range(self.windows_done, cfg.hyperparameter_steps):
             self.algorithm.start_window(self, h)
             self._previous_window_hyperparameters = self._window_hyperparameters
             self._window_hyperparameters = self.hyperparameters.log_values()
@@ -202,6 +230,7 @@ class Learner:
                     break
                 self.algorithm.hyper_step(self, stepper)
             self.hyperparameters.end_window()
+            self.windows_done += 1
             progress.update(T)
             progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
         progress.close()
@@ -214,7 +243,7 @@ class Learner:
         # Held-out sets are measured at this step's weights, before its update.
         held_out = self.measure_held_out(stepper.model) if due or closes_previous else None
         step_result = self.weight_step(stepper)
-        if held_out is not None:
+        if held_out is not None and step != self.resumed_at:
             scalars = self.to_scalars({"Training": self.batch_metrics(*step_result)} | held_out)
             if due:
                 self._log(step, scalars | self._window_hyperparameters)
@@ -247,7 +276,7 @@ class Learner:
         """Every element of each high-dimensional hyperparameter, as used in this window."""
         if self.log is not None:
             for tag, values in self.hyperparameters.histograms().items():
-                self.log.histogram(hyperparameter_step, tag, values.cpu().numpy())
+                self.log.histogram(hyperparameter_step, tag, values)
 
     def _log_last(self, hyperparameter_step: int, scalars: dict[str, float]) -> None:
         self._log(hyperparameter_step, {f"Last_{tag}": value for tag, value in scalars.items()})
@@ -280,26 +309,58 @@ def _cell(final: dict, tag: str) -> str:
     return f"{'nan' if final[tag] is None else format(final[tag], '.6g'):>12}"
 
 
-def train(cfg: Config) -> tuple[Path, dict]:
-    """Run one configured training job end to end; returns its run directory and metrics."""
+# Keys a resumed run may change: how long it goes on, where it logs, how it reports.
+RESUMABLE_KEYS = {"hyperparameter_steps", "log_root", "run_group_name", "run_name", "device", "seed", "log_every"}
+
+
+def load_checkpoint(path: str, cfg: Config) -> dict:
+    """Read a checkpoint written by `save_checkpoint`, refusing one made under another config."""
+    if not Path(path).is_file():
+        raise ConfigError(f"-s {path}: no such checkpoint file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved, current = util.flatten(checkpoint["config"]), util.flatten(config.to_dict(cfg))
+    different = sorted(key for key in saved.keys() | current.keys()
+                       if key.split(".")[0] not in RESUMABLE_KEYS and saved.get(key) != current.get(key))
+    if different:
+        raise ConfigError(f"-s {path}: the checkpoint was made with a different config; "
+                          f"differing keys: {', '.join(different)}")
+    return checkpoint
+
+
+def save_checkpoint(path: str, learner: Learner, run_dir: Path) -> None:
+    state = learner.state_dict() | {"config": config.to_dict(learner.cfg), "run_dir": str(run_dir)}
+    util.atomic_torch_save(state, Path(path))
+
+
+def train(cfg: Config, save_state: str | None = None, load_state: str | None = None) -> tuple[Path, dict]:
+    """Run one configured training job end to end; returns its run directory and metrics.
+    `load_state` resumes a checkpoint (logging on in its run directory); `save_state` writes one at the end."""
     setup = prepare(cfg)
     cfg = setup.cfg
-    run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
-    util.write_json(run_dir / "config.json", config.to_dict(cfg))
-    log = util.RunLog(run_dir)
+    checkpoint = load_checkpoint(load_state, cfg) if load_state else None
+    learner = Learner(setup)
+    if checkpoint is not None:
+        learner.load_state_dict(checkpoint)
+        run_dir = Path(checkpoint["run_dir"])
+    else:
+        run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
+        util.write_json(run_dir / "config.json", config.to_dict(cfg))
+    learner.log = util.RunLog(run_dir)
     try:
-        metrics = Learner(setup, log).run()
+        metrics = learner.run()
     finally:
-        log.close()
+        learner.log.close()
     metrics |= {"seed": cfg.seed, "run_dir": str(run_dir)}
     util.write_json(run_dir / "metrics.json", metrics)
+    if save_state:
+        save_checkpoint(save_state, learner, run_dir)
     return run_dir, metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = config.load(argv)
-        run_dir, metrics = train(cfg)
+        cfg, args = config.parse_command_line(argv)
+        run_dir, metrics = train(cfg, save_state=args.save_state, load_state=args.load_state)
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

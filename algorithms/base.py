@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from algorithms.weight_update import RULES
+
 if TYPE_CHECKING:
     from config import Config
     from train import Learner
@@ -44,6 +46,12 @@ class HyperOptimiser:
     def start_window(self, learner: Learner, window: int) -> None:
         """Called before each window's first weight step."""
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (the hyperparameters themselves are the Learner's)."""
+
     @contextlib.contextmanager
     def tracking(self, learner: Learner) -> Iterator[Stepper]:
         yield learner.fast_stepper
@@ -53,15 +61,24 @@ class HyperOptimiser:
 
 
 class GradientHyperOptimiser(HyperOptimiser):
-    """A hyperparameter optimiser that follows hypergradients with a torch optimiser over the
-    raw hyperparameters (Adam or SGD), clipping lr into its bounds after every step."""
+    """A hyperparameter optimiser that follows hypergradients over the raw hyperparameters with
+    plain Adam or SGD (the update rules of algorithms/weight_update.py, with PyTorch's defaults and
+    no weight decay), clipping lr into its bounds after every step."""
 
     optimises = True
 
     def __init__(self, cfg: Config, learner: Learner):
         super().__init__(cfg, learner)
-        optimiser = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.tuning.optimiser]
-        self.optimiser = optimiser(self.hyperparameters.leaves(), lr=cfg.tuning.lr)
+        self.rule = RULES[cfg.tuning.optimiser]
+        self.rule_hyperparameters = {"lr": cfg.tuning.lr, "weight_decay": 0.0, "momentum": 0.0,
+                                     "beta1": 0.9, "beta2": 0.999}
+        self.rule_state = self.rule.init_state(self.hyperparameters.leaves())
+
+    def state_dict(self) -> dict:
+        return {"rule_state": self.rule_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rule_state = state["rule_state"]
 
     def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
         """d(validation loss)/d(raw hyperparameters), one tensor per leaf."""
@@ -69,7 +86,5 @@ class GradientHyperOptimiser(HyperOptimiser):
 
     def hyper_step(self, learner: Learner, stepper: Stepper) -> None:
         grads = self.hypergradient(learner, stepper)
-        for leaf, grad in zip(self.hyperparameters.leaves(), grads, strict=True):
-            leaf.grad = grad
-        self.optimiser.step()
+        self.rule.update_(self.hyperparameters.leaves(), grads, self.rule_state, self.rule_hyperparameters)
         self.hyperparameters.clip_()

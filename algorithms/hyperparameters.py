@@ -56,6 +56,14 @@ class Hyperparameters:
             self.raw[name] = ([torch.full_like(p, raw.item()).requires_grad_() for p in params]
                               if name in self.high_dimensional else raw.requires_grad_())
 
+    def state_dict(self) -> dict:
+        return {"raw": [leaf.detach().clone() for leaf in self.leaves()], "constants": dict(self.constants)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        torch._foreach_copy_(self.leaves(), state["raw"])   # in place: optimisers keep their leaves
+        self.constants = dict(state["constants"])
+
     def leaves(self) -> list[torch.Tensor]:
         """The raw tensors a hyper-optimiser steps, in a fixed order."""
         return [leaf for name in self.optimised

@@ -57,6 +57,13 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
                 torch._foreach_copy_(learner.params, weights)
             learner.rule_state = copy.deepcopy(state)
 
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"initial": self._initial}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._initial = state["initial"]
+
     @contextlib.contextmanager
     def tracking(self, learner: Learner) -> Iterator[Stepper]:
         natural = self.hyperparameters.natural()

@@ -1,0 +1,104 @@
+"""Wall time of every hyperparameter optimiser against Random, on identical data, steps and logging.
+
+    .venv/bin/python bench/bench_algorithms.py [--repeats N] [--workload uci_energy|fashion_mnist_sized]
+
+- uci_energy: the paper's full protocol (configs/uci_energy.yaml, 400 x 10 full-batch steps).
+- fashion_mnist_sized: a 784-50-10 MLP on batches of 50 (synthetic inputs and labels of
+  Fashion-MNIST's shape: the speed of a step does not depend on the pixel values), 200 x 10 steps.
+
+Algorithms run in turn within each repeat, so drift on a noisy machine hits all alike; the report
+gives each algorithm's median seconds and its ratio to Random's median, against the targets.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
+
+import config  # noqa: E402
+import datasets  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+import util  # noqa: E402
+
+TARGETS = {"Ours_LR": 1.5, "Ours_LR_Momentum": 1.5, "Lorraine": 1.5, "DiffThroughOpt": 3.0,
+           "Ours_HDLR_Momentum": 2.0, "Baydin": None}
+ALGORITHMS = ["Random", *TARGETS]
+
+
+def uci_energy_setup(algorithm: str, log_root: str) -> train.Setup:
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml"), str(REPO / f"configs/{algorithm}.yaml")],
+                           overrides=["seed=0", f"log_root={log_root}", "optimiser.weight_decay=1e-4"])
+    return train.prepare(cfg)
+
+
+def fashion_mnist_sized_setup(algorithm: str, log_root: str) -> train.Setup:
+    windows = (2000, 1) if algorithm == "Baydin" else (200, 10)     # Baydin steps the lr after every step
+    cfg = config.load_from([str(REPO / "configs/digits.yaml"), str(REPO / f"configs/{algorithm}.yaml")],
+                           overrides=["seed=0", f"log_root={log_root}", "optimiser.weight_decay=1e-4",
+                                      "model.layer_sizes=[784, 50, 10]", "batch_size=50",
+                                      f"hyperparameter_steps={windows[0]}", f"network_weight_steps={windows[1]}"])
+    generator = torch.Generator().manual_seed(0)
+
+    def split(rows: int) -> datasets.Split:
+        return datasets.Split(torch.randn(rows, 784, generator=generator),
+                              torch.randint(0, 10, (rows,), generator=generator))
+    splits = datasets.Splits(train=split(10000), validation=split(2000), test=split(2000), task="classification",
+                             num_inputs=784, num_outputs=10, target_std=None)
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, 784, 10)
+    return train.Setup(cfg, torch.device("cpu"), splits, model, models.build_loss(cfg.loss))
+
+
+WORKLOADS = {"uci_energy": uci_energy_setup, "fashion_mnist_sized": fashion_mnist_sized_setup}
+
+
+def time_run(setup: train.Setup) -> float:
+    """Seconds for one `Learner.run()`, logging to a fresh run directory (setup not timed)."""
+    cfg = setup.cfg
+    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name))
+    try:
+        learner = train.Learner(setup, log)
+        start = time.perf_counter()
+        learner.run()
+        return time.perf_counter() - start
+    finally:
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each algorithm (default 5)")
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="uci_energy")
+    args = parser.parse_args(argv)
+    make_setup = WORKLOADS[args.workload]
+    seconds: dict[str, list[float]] = {name: [] for name in ALGORITHMS}
+    with tempfile.TemporaryDirectory(prefix="bench_algorithms-") as log_root:
+        for algorithm in ALGORITHMS:        # warm-up
+            time_run(make_setup(algorithm, log_root))
+        for _ in range(args.repeats):
+            for algorithm in ALGORITHMS:
+                seconds[algorithm].append(time_run(make_setup(algorithm, log_root)))
+    steps = make_setup("Random", "unused").cfg.total_weight_steps
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; workload {args.workload}: "
+          f"{steps} weight steps, median of {args.repeats}")
+    random = statistics.median(seconds["Random"])
+    print(f"\n{'algorithm':<22}{'median s':>10}{'vs Random':>11}{'target':>9}")
+    for algorithm in ALGORITHMS:
+        median = statistics.median(seconds[algorithm])
+        target = TARGETS.get(algorithm)
+        verdict = "" if target is None else f"<= {target:.1f}x {'met' if median / random <= target else 'MISSED'}"
+        print(f"{algorithm:<22}{median:>10.3f}{median / random:>10.2f}x  {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
