@@ -85,8 +85,9 @@ class RunLog:
 
     def __init__(self, run_dir: Path, flush_seconds: float = 10.0):
         self.run_dir = run_dir
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(run_dir / name, "wb")  # noqa: SIM115 -- closed in close()
+        # Unique and never overwritten: a resumed run adds its own file beside its predecessor's.
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        self._file = open(run_dir / name, "xb")  # noqa: SIM115 -- closed in close()
         self._flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
