@@ -85,8 +85,10 @@ class RunLog:
 
     def __init__(self, run_dir: Path, flush_seconds: float = 10.0):
         self.run_dir = run_dir
-        # Unique and never overwritten: a resumed run adds its own file beside its predecessor's.
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        # Unique, never overwritten, and in time order by name: a resumed run adds its own file
+        # beside its predecessor's.
+        now = time.time_ns()
+        name = f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
         self._file = open(run_dir / name, "xb")  # noqa: SIM115 -- closed in close()
         self._flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
@@ -152,20 +154,21 @@ def get_tags(directory: str | os.PathLike, *tags: str) -> dict[str, Run]:
     """Read every run below `directory`: each scalar tag (all of them if none are named), in full.
 
     Returns {run path relative to `directory`: Run}. Every recorded event is kept (no TensorBoard
-    down-sampling); a tag a run never logged is absent from that run's `scalars`.
+    down-sampling), ordered by step (a resumed run's files may interleave); a tag a run never
+    logged is absent from that run's `scalars`.
     """
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
     root = Path(directory)
     runs = {}
     for path in find_runs(root):
-        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})
+        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0}, purge_orphaned_data=False)
         accumulator.Reload()
         wanted = tags or accumulator.Tags()[SCALARS]
         scalars = {}
         for tag in wanted:
             if tag not in accumulator.Tags()[SCALARS]:
                 continue
-            events = accumulator.Scalars(tag)
+            events = sorted(accumulator.Scalars(tag), key=lambda event: event.step)
             scalars[tag] = Scalar(np.array([e.step for e in events], dtype=np.int64),
                                   np.array([e.value for e in events], dtype=np.float64),
                                   np.array([e.wall_time for e in events], dtype=np.float64))
