@@ -74,6 +74,46 @@ def time_run(setup: train.Setup) -> float:
         log.close()
 
 
+def median_seconds(action, repeats: int = 200) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_costs(make_setup, log_root: str, rollback_distance: int) -> tuple[float, float, int]:
+    """Median seconds of a fast weight step and of an implicit window's last step plus its
+    hypergradient (Ours_LR_Momentum), and T."""
+    setup = make_setup("Ours_LR_Momentum", log_root)
+    values = config.to_dict(setup.cfg)
+    values["tuning"]["rollback_distance"] = rollback_distance
+    setup.cfg = config.build_config(values)
+    learner = train.Learner(setup)
+    learner.fast_hyperparameters = learner.hyperparameters.natural_values()
+
+    def last_step_and_hypergradient() -> None:
+        with learner.algorithm.tracking(learner) as stepper:
+            learner.weight_step(stepper)
+            learner.algorithm.hypergradient(learner, stepper)
+    fast = median_seconds(lambda: learner.weight_step(learner.fast_stepper))
+    return fast, median_seconds(last_step_and_hypergradient), setup.cfg.network_weight_steps
+
+
+def components(make_setup, log_root: str) -> None:
+    """Where an implicit window's time goes; i = 5 against i = 1 isolates four vector-Jacobian
+    products through the tracked step (each a Hessian-vector product of the training loss)."""
+    fast, end_5, T = step_costs(make_setup, log_root, 5)
+    _, end_1, _ = step_costs(make_setup, log_root, 1)
+    vjp = (end_5 - end_1) / 4
+    print(f"\ncomponents (Ours_LR_Momentum, median of 200): fast step {fast * 1e6:.0f} us; last step + "
+          f"hypergradient {end_5 * 1e6:.0f} us at i = 5, {end_1 * 1e6:.0f} us at i = 1 "
+          f"(one vector-Jacobian product through the step: {vjp * 1e6:.0f} us = {vjp / fast:.2f} fast steps)")
+    print(f"so a window of T = {T} costs at least {((T - 1) * fast + end_5) / (T * fast):.2f}x its fast steps "
+          f"alone, before logging and the hyper-optimiser step")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each algorithm (default 5)")
@@ -97,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS.get(algorithm)
         verdict = "" if target is None else f"<= {target:.1f}x {'met' if median / random <= target else 'MISSED'}"
         print(f"{algorithm:<22}{median:>10.3f}{median / random:>10.2f}x  {verdict}")
+    with tempfile.TemporaryDirectory(prefix="bench_algorithms-") as log_root:
+        components(make_setup, log_root)
     return 0
 
 
