@@ -158,13 +158,18 @@ def validation_loss_after_fast_steps(learner, weights, state, steps) -> float:
     return float(learner.evaluate(validation.inputs, validation.targets)["Loss"])
 
 
-def test_unrolled_hypergradient_equals_central_finite_differences():
+def unrolled_hypergradient() -> tuple[train.Learner, list[torch.Tensor], dict, list[torch.Tensor]]:
+    """Diff-through-Opt's hypergradient through 5 steps, with the weights and state they started from."""
     learner = learner_for("DiffThroughOpt", *UNROLLED)
     weights, state = warmed_up(learner)
     with learner.algorithm.tracking(learner) as stepper:
         for _ in range(5):
             learner.weight_step(stepper)
-        got = learner.algorithm.hypergradient(learner, stepper)
+        return learner, weights, state, learner.algorithm.hypergradient(learner, stepper)
+
+
+def test_unrolled_hypergradient_equals_central_finite_differences():
+    learner, weights, state, got = unrolled_hypergradient()
 
     eps, differences = 1e-5, []
     for leaf in learner.hyperparameters.leaves():
@@ -181,12 +186,7 @@ def test_unrolled_hypergradient_equals_central_finite_differences():
 
 
 def test_unrolled_hypergradient_equals_a_plain_autograd_unroll():
-    learner = learner_for("DiffThroughOpt", *UNROLLED)
-    weights, state = warmed_up(learner)
-    with learner.algorithm.tracking(learner) as stepper:
-        for _ in range(5):
-            learner.weight_step(stepper)
-        got = learner.algorithm.hypergradient(learner, stepper)
+    learner, weights, state, got = unrolled_hypergradient()
 
     raw = [leaf.detach().clone().requires_grad_() for leaf in learner.hyperparameters.leaves()]
     lr, wd, momentum = 10 ** raw[0], 10 ** raw[1], torch.sigmoid(raw[2])
