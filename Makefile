@@ -13,7 +13,7 @@ $(STAMP): Pipfile Pipfile.lock
 	touch $@
 
 quickstart: $(STAMP)
-	$(PY) train.py -c configs/diabetes.yaml configs/Random.yaml
+	$(PY) train.py -c configs/diabetes.yaml configs/Ours_LR_Momentum.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

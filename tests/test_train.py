@@ -166,14 +166,16 @@ def test_full_uci_energy_random_run_reads_back(tmp_path, data_dir):
 @pytest.mark.slow
 def test_quickstart_command(tmp_path):
     """The README's first Quickstart command, as make runs it (logs redirected to a temporary folder)."""
-    result = run_cli("train.py", "-c", "configs/diabetes.yaml", "configs/Random.yaml", "-l", str(tmp_path))
+    result = run_cli("train.py", "-c", "configs/diabetes.yaml", "configs/Ours_LR_Momentum.yaml", "-l", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Random on diabetes: completed after 4000 weight steps" in out
+    assert "Ours_LR_Momentum on diabetes: completed after 4000 weight steps" in out
     assert "loss in target units" in out and "hyperparameters" in out and "tensorboard --logdir" in out
     record = only_run(tmp_path)
     assert str(record.path) in out
     assert record.metrics["final"]["Loss/Test"] < 0.8      # clearly better than predicting the mean (1.0)
+    lrs = record.scalars["Last_Hyperparameter/Lr"].values
+    assert lrs[-1] != lrs[0]                               # the hyperparameters were tuned
 
 
 ALGORITHM_CONFIGS = {
