@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
+from algorithms import distributed
 from config import ConfigError
 
 if TYPE_CHECKING:
@@ -162,18 +163,37 @@ def make_splits(cfg: DatasetConfig, dtype: torch.dtype, device: torch.device) ->
         num_outputs=int(targets.max()) + 1 if classification else targets.shape[1])
 
 
-class BatchStream:
-    """Endless minibatches from a Split: a fresh random order every epoch.
+class Batch(NamedTuple):
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    fraction: float           # this rank's share of the global batch's rows (1.0 on one process)
 
-    With `batch_size=None` (or at least the split's size) every batch is the whole split, in a
-    fixed order, so full-batch training does no indexing work at all.
+
+def shard_batch(inputs: torch.Tensor, targets: torch.Tensor, context: distributed.Context) -> Batch:
+    """This rank's contiguous rows of a global batch (all of them on one process)."""
+    if not context.active:
+        return Batch(inputs, targets, 1.0)
+    rows = distributed.shard(torch.arange(len(inputs)), context)
+    start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+    return Batch(inputs[start:stop], targets[start:stop], (stop - start) / len(inputs))
+
+
+class BatchStream:
+    """Endless minibatches from a Split: a fresh random order every epoch, this rank's shard of each.
+
+    Every rank draws the same global batch (the generator is seeded alike everywhere) and keeps its
+    contiguous part. With `batch_size=None` (or at least the split's size) every global batch is
+    the whole split, in a fixed order, so full-batch training does no indexing work at all.
     """
 
-    def __init__(self, split: Split, batch_size: int | None, generator: torch.Generator):
+    def __init__(self, split: Split, batch_size: int | None, generator: torch.Generator,
+                 context: distributed.Context = distributed.SINGLE):
         self.split = split
         self.full_batch = batch_size is None or batch_size >= len(split)
         self.batch_size = len(split) if self.full_batch else batch_size
         self.generator = generator
+        self.context = context
+        self._whole = shard_batch(split.inputs, split.targets, context)
         self._order = torch.empty(0, dtype=torch.long)
         self._position = 0
 
@@ -187,12 +207,13 @@ class BatchStream:
         self.generator.set_state(state["generator"])
         self._order, self._position = state["order"].to(self.split.inputs.device), state["position"]
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self.full_batch:
-            return self.split.inputs, self.split.targets
+            return self._whole
         if self._position >= len(self._order):
             self._order = torch.randperm(len(self.split), generator=self.generator).to(self.split.inputs.device)
             self._position = 0
         rows = self._order[self._position:self._position + self.batch_size]
         self._position += self.batch_size
-        return self.split.inputs[rows], self.split.targets[rows]
+        mine = distributed.shard(rows, self.context)
+        return Batch(self.split.inputs[mine], self.split.targets[mine], len(mine) / len(rows))

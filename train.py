@@ -27,6 +27,7 @@ import config
 import datasets
 import models
 import util
+from algorithms import distributed
 from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
 from algorithms.weight_update import RULES
@@ -75,10 +76,12 @@ class Learner:
     them into a hyperparameter step.
     """
 
-    def __init__(self, setup: Setup, log: util.RunLog | None = None):
+    def __init__(self, setup: Setup, log: util.RunLog | None = None,
+                 context: distributed.Context = distributed.SINGLE):
         cfg = self.cfg = setup.cfg
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
+        self.context = context
         # One generator per stream: the training order must not depend on how often the others are read.
         self.train_batches = self._stream(self.splits.train, 1)
         self.validation_batches = None
@@ -125,55 +128,66 @@ class Learner:
         self._window_hyperparameters = state["window_hyperparameters"]
 
     def _stream(self, split: datasets.Split, offset: int) -> datasets.BatchStream:
-        return datasets.BatchStream(split, self.cfg.batch_size, torch.Generator().manual_seed(self.cfg.seed + offset))
+        generator = torch.Generator().manual_seed(self.cfg.seed + offset)
+        return datasets.BatchStream(split, self.cfg.batch_size, generator, self.context)
 
     # -- weight steps -----------------------------------------------------------------------------
 
-    def _fast_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An untracked step: gradient, then the rule's in-place update; no graph survives it."""
-        outputs = self.model(inputs)
-        loss = self.loss_fn(outputs, targets)
-        grads = torch.autograd.grad(loss, self.params)
+    def local_loss(self, outputs: torch.Tensor, batch: datasets.Batch) -> torch.Tensor:
+        """This rank's part of the global batch's mean loss: the sum over ranks is the global loss."""
+        if len(batch.targets) == 0:
+            return outputs.sum() * 0.0
+        return self.loss_fn(outputs, batch.targets) * batch.fraction
+
+    def _fast_step(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """An untracked step: gradient, summed over ranks, then the rule's in-place update."""
+        outputs = self.model(batch.inputs)
+        loss = self.local_loss(outputs, batch)
+        grads = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
         self.rule.update_(self.params, grads, self.rule_state, self.fast_hyperparameters)
         return outputs, loss
 
-    def weight_step(self, stepper: Stepper) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step on the next training batch; returns (outputs, targets, loss) from before the
-        update, for `batch_metrics` to turn into metrics when they are wanted."""
-        inputs, targets = next(self.train_batches)
+    def weight_step(self, stepper: Stepper) -> tuple[torch.Tensor, datasets.Batch, torch.Tensor]:
+        """One step on the next training batch; returns (outputs, batch, this rank's loss) from
+        before the update, for `batch_metrics` to turn into metrics when they are wanted."""
+        batch = next(self.train_batches)
         if not stepper.model.training:    # evaluate() leaves eval mode behind; switch back only then
             stepper.model.train()
-        outputs, loss = stepper.step(inputs, targets)
+        outputs, loss = stepper.step(batch)
         self.steps_done += 1
-        return outputs, targets, loss
+        return outputs, batch, loss
 
     # -- measuring ------------------------------------------------------------------------------
 
-    def batch_metrics(self, outputs: torch.Tensor, targets: torch.Tensor,
+    def batch_metrics(self, outputs: torch.Tensor, batch: datasets.Batch,
                       loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This rank's contributions (summed over ranks in `to_scalars`) to a batch's metrics."""
         metrics = {"Loss": loss.detach()}
         if self.splits.task == "classification":
-            metrics["Accuracy"] = (outputs.detach().argmax(dim=1) == targets).to(loss.dtype).mean()
+            correct = (outputs.detach().argmax(dim=1) == batch.targets).to(loss.dtype)
+            metrics["Accuracy"] = correct.mean() * batch.fraction if len(correct) else correct.sum()
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor,
-                 model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Metrics of `model` (default: the Learner's) over a whole set, in eval mode, in chunks
-        of EVALUATION_BATCH rows."""
+    def evaluate(self, batch: datasets.Batch, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """This rank's contributions to the metrics of `model` (default: the Learner's) over a
+        batch, in eval mode, in chunks of EVALUATION_BATCH rows."""
         model = model or self.model
         model.eval()
-        if len(inputs) <= EVALUATION_BATCH:
-            outputs = model(inputs)
-            return self.batch_metrics(outputs, targets, self.loss_fn(outputs, targets))
         totals: dict[str, torch.Tensor] = {}
-        for start in range(0, len(inputs), EVALUATION_BATCH):
+        for start in range(0, max(len(batch.inputs), 1), EVALUATION_BATCH):
             chunk = slice(start, start + EVALUATION_BATCH)
-            outputs = model(inputs[chunk])
-            metrics = self.batch_metrics(outputs, targets[chunk], self.loss_fn(outputs, targets[chunk]))
-            for name, value in metrics.items():   # batch means, weighted by the chunk's size
-                totals[name] = totals.get(name, 0) + value * len(outputs)
-        return {name: total / len(inputs) for name, total in totals.items()}
+            outputs = model(batch.inputs[chunk])
+            rows = len(outputs)
+            part = datasets.Batch(batch.inputs[chunk], batch.targets[chunk],
+                                  batch.fraction * rows / len(batch.inputs) if rows else 0.0)
+            for name, value in self.batch_metrics(outputs, part, self.local_loss(outputs, part)).items():
+                totals[name] = totals[name] + value if name in totals else value
+        return totals
+
+    def whole(self, split: datasets.Split) -> datasets.Batch:
+        """This rank's shard of a whole split."""
+        return datasets.shard_batch(split.inputs, split.targets, self.context)
 
     def measure_held_out(self, model: nn.Module | None = None,
                          whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
@@ -182,9 +196,9 @@ class Learner:
         validation = self.splits.validation
         if validation is not None:
             use_batch = self.validation_batches is not None and not whole
-            batch = next(self.validation_batches) if use_batch else (validation.inputs, validation.targets)
-            measured["Validation"] = self.evaluate(*batch, model=model)
-        measured["Test"] = self.evaluate(self.splits.test.inputs, self.splits.test.targets, model=model)
+            batch = next(self.validation_batches) if use_batch else self.whole(validation)
+            measured["Validation"] = self.evaluate(batch, model=model)
+        measured["Test"] = self.evaluate(self.whole(self.splits.test), model=model)
         return measured
 
     def to_scalars(self, measured: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -196,8 +210,8 @@ class Learner:
             tags.update({f"Unnormalised_Loss/{split}": metrics["Loss"] * scale
                          for split, metrics in measured.items()})
         names = list(tags)
-        values = torch.stack([tags[name] for name in names]).tolist()
-        return dict(zip(names, values, strict=True))
+        (values,) = distributed.all_reduce_([torch.stack([tags[name] for name in names])], self.context)
+        return dict(zip(names, values.tolist(), strict=True))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -224,7 +238,7 @@ class Learner:
             with self.algorithm.tracking(self) as stepper:
                 for s in range(T - tracked, T):
                     loss = self._logged_step(h, s, stepper)
-                last_loss = loss.item()
+                last_loss = distributed.all_reduce_([loss.detach().reshape(1)], self.context)[0].item()
                 if not math.isfinite(last_loss):
                     self.status = "diverged"
                     break
@@ -256,7 +270,7 @@ class Learner:
         window's Last_* tags), return the metrics."""
         if self.status == "running":
             self.status = "completed"
-        final = self.evaluate(self.splits.train.inputs, self.splits.train.targets)
+        final = self.evaluate(self.whole(self.splits.train))
         scalars = self.to_scalars({"Training": final} | self.measure_held_out(whole=True))
         self._log(self.steps_done, scalars | self.hyperparameters.log_values())
         self._log_last((self.steps_done - 1) // self.cfg.network_weight_steps, scalars | window_hyperparameters)

@@ -13,15 +13,16 @@ from algorithms.weight_update import RULES
 
 if TYPE_CHECKING:
     from config import Config
+    from datasets import Batch
     from train import Learner
 
 
 @dataclass
 class Stepper:
-    """How weight steps are taken: `step(inputs, targets) -> (outputs, loss)` updates the weights
-    of `model`, the module to evaluate at the current weights."""
+    """How weight steps are taken: `step(batch) -> (outputs, this rank's loss)` updates the
+    weights of `model`, the module to evaluate at the current weights."""
     model: nn.Module
-    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    step: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HyperOptimiser:

@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import functional_call
 
+from algorithms import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
 
 if TYPE_CHECKING:
     from config import Config
+    from datasets import Batch
     from train import Learner
 
 
@@ -39,12 +41,16 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
 
     @contextlib.contextmanager
     def tracking(self, learner: Learner) -> Iterator[Stepper]:
-        def tracked_step(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context = learner.context
+
+        def tracked_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             before = [p.detach().clone().requires_grad_() for p in learner.params]
-            outputs = functional_call(learner.model, dict(zip(self.names, before, strict=True)), (inputs,))
-            loss = learner.loss_fn(outputs, targets)
+            outputs = functional_call(learner.model, dict(zip(self.names, before, strict=True)), (batch.inputs,))
+            loss = learner.local_loss(outputs, batch)
             grads = torch.autograd.grad(loss, before, create_graph=self.rollback_distance > 1)
-            after, state = learner.rule.update(before, grads, learner.rule_state, self.hyperparameters.natural())
+            after, state = learner.rule.update(distributed.share_direct_path(before, context),
+                                               distributed.sum_gradients(list(grads), context),
+                                               learner.rule_state, self.hyperparameters.natural())
             with torch.no_grad():
                 torch._foreach_copy_(learner.params, after)
             learner.rule_state = _detached(state)
@@ -58,13 +64,15 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
 
     def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
         before, after = self._last_step
-        inputs, targets = next(learner.hyper_batches)
+        context = learner.context
+        batch = next(learner.hyper_batches)
         learner.model.eval()
-        validation_loss = learner.loss_fn(learner.model(inputs), targets)   # at the weights `after` holds
-        term = list(torch.autograd.grad(validation_loss, learner.params))
+        validation_loss = learner.local_loss(learner.model(batch.inputs), batch)   # at the weights `after` holds
+        term = distributed.all_reduce_(list(torch.autograd.grad(validation_loss, learner.params)), context)
         total = list(term)
         for _ in range(self.rollback_distance - 1):
             term = list(torch.autograd.grad(after, before, grad_outputs=term, retain_graph=True))
+            distributed.all_reduce_(term, context)      # global product: see algorithms/distributed.py
             torch._foreach_add_(total, term)
         leaves = self.hyperparameters.leaves()
         grads = torch.autograd.grad(after, leaves, grad_outputs=total, allow_unused=True)

@@ -24,6 +24,7 @@ from algorithms.base import GradientHyperOptimiser, Stepper
 
 if TYPE_CHECKING:
     from config import Config
+    from datasets import Batch
     from train import Learner
 
 
@@ -73,9 +74,9 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         override = {name: [natural[name]] for name in ("lr", "weight_decay", "momentum")}
         with higher.innerloop_ctx(learner.model, torch_sgd, copy_initial_weights=False,
                                   override=override) as (fast_model, differentiable_sgd):
-            def unrolled_step(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                outputs = fast_model(inputs)
-                loss = learner.loss_fn(outputs, targets)
+            def unrolled_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+                outputs = fast_model(batch.inputs)
+                loss = learner.local_loss(outputs, batch)
                 differentiable_sgd.step(loss)
                 return outputs, loss
 
@@ -92,9 +93,9 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
                 learner.rule_state = {"momentum_buffer": [b.detach() for b in buffers]}
 
     def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
-        inputs, targets = next(learner.hyper_batches)
+        batch = next(learner.hyper_batches)
         self._fast_model.eval()
-        validation_loss = learner.loss_fn(self._fast_model(inputs), targets)
+        validation_loss = learner.local_loss(self._fast_model(batch.inputs), batch)
         leaves = self.hyperparameters.leaves()
         grads = torch.autograd.grad(validation_loss, leaves, allow_unused=True)
         return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]

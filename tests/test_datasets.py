@@ -7,6 +7,7 @@ import torch
 
 import datasets
 import download_and_process_data
+from algorithms import distributed
 from config import DatasetConfig
 
 # The original's split sizes: (train+val, test) and (train, validation) at the shipped proportion.
@@ -102,8 +103,21 @@ def test_minibatches_cover_every_row_once_per_epoch():
 
 def test_full_batch_stream_returns_the_whole_split_in_order():
     split = datasets.Split(torch.arange(6.0)[:, None], torch.zeros(6, 1))
-    inputs, _ = next(datasets.BatchStream(split, None, torch.Generator()))
-    assert inputs is split.inputs
+    batch = next(datasets.BatchStream(split, None, torch.Generator()))
+    assert batch.inputs is split.inputs and batch.fraction == 1.0
+
+
+def test_ranks_split_each_global_batch_into_disjoint_weighted_shards():
+    split = datasets.Split(torch.arange(11.0)[:, None], torch.zeros(11, 1))
+    streams = [datasets.BatchStream(split, 5, torch.Generator().manual_seed(0), distributed.Context(rank, 3))
+               for rank in range(3)]
+    single = datasets.BatchStream(split, 5, torch.Generator().manual_seed(0))
+    for _ in range(4):                       # batches of 5, 5, 1, then a new epoch
+        shards = [next(stream) for stream in streams]
+        whole = next(single)
+        torch.testing.assert_close(torch.cat([shard.inputs for shard in shards]), whole.inputs)
+        assert sum(shard.fraction for shard in shards) == pytest.approx(1.0)
+        assert [len(shard.inputs) for shard in shards] in ([2, 2, 1], [1, 0, 0])
 
 
 def test_download_script_reports_a_missing_source_folder(tmp_path, capsys):

@@ -155,7 +155,7 @@ def validation_loss_after_fast_steps(learner, weights, state, steps) -> float:
     for _ in range(steps):
         learner.weight_step(learner.fast_stepper)
     validation = learner.splits.validation
-    return float(learner.evaluate(validation.inputs, validation.targets)["Loss"])
+    return float(learner.evaluate(learner.whole(validation))["Loss"])
 
 
 def unrolled_hypergradient() -> tuple[train.Learner, list[torch.Tensor], dict, list[torch.Tensor]]:

@@ -1,0 +1,105 @@
+"""Data parallelism: the process group, and the few all-reduces the training loop needs.
+
+N processes with a global batch of B rows compute the same weights and hyperparameters as one
+process with batch B. Every rank draws the same global batch and keeps its contiguous shard; its
+loss is the shard's mean weighted by (shard rows / B), so the sum over ranks of the shard losses,
+and of their gradients, is the global batch mean and its gradient (uneven shards included).
+
+Differentiating through an all-reduced gradient. In a tracked step every rank holds a copy of the
+replicated computation w' = w - u(w, sum_r g_r(w)). `sum_gradients` sums the shard gradients with a
+backward that passes the incoming gradient through unchanged, and `share_direct_path` makes w
+enter u's direct (non-gradient) path scaled by 1/N. A vector-Jacobian product through the step on
+rank r then yields (1/N) * direct + (shard r's Hessian) * vector, and one all-reduce (sum) of that
+over ranks is the exact global product: one model-sized all-reduce per product.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = Context()
+
+
+def from_environment() -> Context:
+    """The context torchrun (or our own launcher) describes in RANK / WORLD_SIZE."""
+    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init(context: Context) -> None:
+    """Join the process group (gloo on CPU) when there is more than one rank."""
+    if context.active and not dist.is_initialized():
+        dist.init_process_group("gloo", rank=context.rank, world_size=context.world_size)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(rows: torch.Tensor, context: Context) -> torch.Tensor:
+    """This rank's contiguous part of a global batch's row indices (sizes differ by at most 1)."""
+    return torch.tensor_split(rows, context.world_size)[context.rank]
+
+
+def all_reduce_(tensors: list[torch.Tensor], context: Context) -> list[torch.Tensor]:
+    """Sum `tensors` over ranks, in place, as one flat message; returns them."""
+    if context.active and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        torch._foreach_copy_(tensors, [chunk.view_as(t) for chunk, t in
+                                       zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)])
+    return tensors
+
+
+class _SumGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, context: Context, *gradients: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(all_reduce_([g.clone() for g in gradients], context))
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor) -> tuple:
+        return (None, *grad_outputs)       # see the module docstring: the product is summed later
+
+
+def sum_gradients(gradients: list[torch.Tensor], context: Context) -> list[torch.Tensor]:
+    """The global gradient from shard gradients, differentiably (identity backward)."""
+    if not context.active:
+        return list(gradients)
+    return list(_SumGradients.apply(context, *gradients))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scale: float, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple:
+        return None, grad_output * ctx.scale
+
+
+def share_direct_path(params: list[torch.Tensor], context: Context) -> list[torch.Tensor]:
+    """The same tensors' values, with gradients scaled by 1/N, so that a sum over ranks counts
+    the direct path once."""
+    if not context.active:
+        return params
+    return [_ScaleGradient.apply(1 / context.world_size, p) for p in params]
