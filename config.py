@@ -461,6 +461,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                         help="config files, deep-merged in order (later wins)")
     for flags, key, kind, text in _FLAGS:
         parser.add_argument(*flags, dest=key, type=kind, default=None, help=f"sets {key}: {text}")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine (gloo on CPU); batch_size stays the "
+                             "global batch. Under torchrun, leave this out")
     parser.add_argument("-S", "--save_state", metavar="FILE",
                         help="write a checkpoint of the complete training state to FILE at the end")
     parser.add_argument("-s", "--load_state", metavar="FILE",

@@ -11,7 +11,9 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -301,8 +303,9 @@ class Learner:
 def summary(run_dir: Path, cfg: Config, metrics: dict) -> str:
     """A few lines for the terminal: outcome, final metrics, hyperparameters, where the logs are."""
     final = metrics["final"]
+    processes = f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""
     rows = [f"{cfg.algorithm} on {cfg.dataset.name}: {metrics['status']} after {metrics['weight_steps']} "
-            f"weight steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']})",
+            f"weight steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']}{processes})",
             f"  {'':<22}{'training':>12}{'validation':>12}{'test':>12}"]
     for metric, label in [("Loss", "loss"), ("Unnormalised_Loss", "loss in target units"),
                           ("Accuracy", "accuracy")]:
@@ -346,39 +349,102 @@ def save_checkpoint(path: str, learner: Learner, run_dir: Path) -> None:
     util.atomic_torch_save(state, Path(path))
 
 
-def train(cfg: Config, save_state: str | None = None, load_state: str | None = None) -> tuple[Path, dict]:
-    """Run one configured training job end to end; returns its run directory and metrics.
-    `load_state` resumes a checkpoint (logging on in its run directory); `save_state` writes one at the end."""
+def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
+          context: distributed.Context = distributed.SINGLE) -> tuple[Path | None, dict]:
+    """Run one configured training job end to end (as one rank of `context`); returns the run
+    directory (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging
+    on in its run directory; `save_state` writes one at the end. Only rank 0 writes anything."""
     setup = prepare(cfg)
     cfg = setup.cfg
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
-    learner = Learner(setup)
+    learner = Learner(setup, context=context)
+    run_dir = None
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
         run_dir = Path(checkpoint["run_dir"])
-    else:
+    elif context.is_rank0:
         run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
         util.write_json(run_dir / "config.json", config.to_dict(cfg))
-    learner.log = util.RunLog(run_dir)
+    if context.is_rank0:
+        learner.log = util.RunLog(run_dir)
     try:
         metrics = learner.run()
     finally:
-        learner.log.close()
-    metrics |= {"seed": cfg.seed, "run_dir": str(run_dir)}
-    util.write_json(run_dir / "metrics.json", metrics)
-    if save_state:
-        save_checkpoint(save_state, learner, run_dir)
+        if learner.log is not None:
+            learner.log.close()
+    metrics |= {"seed": cfg.seed, "run_dir": str(run_dir), "world_size": context.world_size}
+    if context.is_rank0:
+        util.write_json(run_dir / "metrics.json", metrics)
+        if save_state:
+            save_checkpoint(save_state, learner, run_dir)
     return run_dir, metrics
+
+
+def check_launch(cfg: Config, world_size: int) -> None:
+    """Launch settings that cannot work, as ConfigErrors before any process starts."""
+    if world_size < 1:
+        raise ConfigError(f"--nproc {world_size}: needs at least 1 process")
+    if world_size > 1 and not algorithms.ALGORITHMS[cfg.algorithm].data_parallel:
+        raise ConfigError(f"{cfg.algorithm} does not run on several processes yet; use --nproc 1")
+    if world_size > 1 and resolve_device(cfg.device).type == "cuda":
+        raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
+
+
+def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
+               load_state: str | None) -> None:
+    """One spawned process of `--nproc N`."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))   # N processes share the cores
+    context = distributed.Context(rank, world_size)
+    distributed.init(context)
+    try:
+        run_dir, metrics = train(cfg, save_state, load_state, context)
+        if context.is_rank0:
+            print(summary(run_dir, cfg, metrics), flush=True)
+    except Exception as error:
+        # Said here, as it happens: the launcher may first hear of another rank's consequent failure.
+        print(f"train.py: error on rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None) -> int:
+    """Run `world_size` local processes; the first to fail stops the others and is reported."""
+    with socket.socket() as probe:            # a free port for the process group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        torch.multiprocessing.spawn(_rank_main, args=(world_size, port, cfg, save_state, load_state),
+                                    nprocs=world_size, join=True)
+    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
+        print(f"train.py: error: the job stopped when the process of rank {error.error_index} failed; the first "
+              f"'error on rank' line above is the cause", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = config.parse_command_line(argv)
-        run_dir, metrics = train(cfg, save_state=args.save_state, load_state=args.load_state)
+        context = distributed.from_environment()        # set by torchrun; one process otherwise
+        check_launch(cfg, max(args.nproc, context.world_size))
+        if args.nproc > 1 and context.active:
+            raise ConfigError("--nproc: already running under torchrun; let torchrun start the processes")
+        distributed.init(context)
+        if cfg.seed is None:                            # drawn once, so that every rank agrees
+            cfg = replace(cfg, seed=distributed.broadcast_from_rank0(secrets.randbelow(2**31), context))
+        if args.nproc > 1:
+            return launch(cfg, args.nproc, args.save_state, args.load_state)
+        try:
+            run_dir, metrics = train(cfg, args.save_state, args.load_state, context)
+        finally:
+            distributed.shutdown()
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    print(summary(run_dir, cfg, metrics))
+    if context.is_rank0:
+        print(summary(run_dir, cfg, metrics))
     return 0   # a diverged run is a result (status "diverged" in metrics.json), not a failure
 
 

@@ -54,6 +54,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def broadcast_from_rank0(value: object, context: Context) -> object:
+    """Rank 0's `value` on every rank (a Python object, e.g. a freshly drawn seed)."""
+    if not context.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shard(rows: torch.Tensor, context: Context) -> torch.Tensor:
     """This rank's contiguous part of a global batch's row indices (sizes differ by at most 1)."""
     return torch.tensor_split(rows, context.world_size)[context.rank]

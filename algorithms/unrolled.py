@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 
 class UnrolledHyperOptimiser(GradientHyperOptimiser):
+    data_parallel = False     # the unrolled graph needs all-reduces inside higher's steps: not yet
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -1,0 +1,92 @@
+"""--nproc N equals one process: real gloo processes, float64, compared through checkpoints and logs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import util
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def run_ranks(tmp_path, algorithm: str, nproc: int, *extra: str) -> dict:
+    checkpoint = tmp_path / f"{algorithm}-{nproc}.pt"
+    result = run_cli("train.py", "-c", "configs/diabetes.yaml", f"configs/{algorithm}.yaml", "--nproc", str(nproc),
+                     "--seed", "5", "--set", "dtype=float64", "--set", "model.layer_sizes=[10, 8, 1]",
+                     "--set", "batch_size=32", "-l", str(tmp_path / f"runs{nproc}"), "-S", str(checkpoint), *extra)
+    assert result.returncode == 0, result.stderr
+    return torch.load(checkpoint, weights_only=True)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert float((got - expected).norm() / expected.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("algorithm,nproc", [
+    ("Random", 2), ("Ours_LR", 2), ("Ours_LR_Momentum", 2), ("Ours_HDLR_Momentum", 2), ("Lorraine", 2),
+    ("Baydin", 2), ("Ours_LR_Momentum", 3)])
+def test_n_ranks_end_where_one_rank_ends(algorithm, nproc, tmp_path):
+    steps = ["--hyperparameter_steps", "200"] if algorithm == "Baydin" else ["--hyperparameter_steps", "20"]
+    one, many = run_ranks(tmp_path, algorithm, 1, *steps), run_ranks(tmp_path, algorithm, nproc, *steps)
+    assert many["steps_done"] == one["steps_done"]
+    for name, value in one["model"].items():
+        assert_close(many["model"][name], value)
+    for got, expected in zip(many["hyperparameters"]["raw"], one["hyperparameters"]["raw"], strict=True):
+        assert_close(got, expected)
+    # The logs (rank 0 only) carry the same global losses and hyperparameter trajectory.
+    logs = [next(iter(util.get_tags(tmp_path / f"runs{n}").values())) for n in (1, nproc)]
+    assert logs[1].metrics["world_size"] == nproc
+    tags = ["Last_Hyperparameter/Lr", "Loss/Test", "Loss/Training", "Last_Loss/Validation"]
+    for tag in [t for t in tags if t in logs[0].scalars]:
+        np.testing.assert_allclose(logs[1].scalars[tag].values, logs[0].scalars[tag].values, rtol=1e-6)
+    tuned = [tag for tag in logs[0].scalars if tag.startswith("Last_Hyperparameter/")
+             and len(np.unique(logs[0].scalars[tag].values)) > 1]
+    assert bool(tuned) == (algorithm != "Random")
+
+
+FAILING_DRIVER = '''
+import sys
+import train
+
+original = train.Learner.weight_step
+
+
+def weight_step(self, stepper):
+    if self.context.rank == 1 and self.steps_done == 25:
+        raise RuntimeError("injected failure on rank 1")
+    return original(self, stepper)
+
+
+train.Learner.weight_step = weight_step   # module level: spawned ranks import this file too
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+def test_a_failing_rank_brings_the_job_down_with_its_error(tmp_path):
+    driver = tmp_path / "failing_driver.py"
+    driver.write_text(FAILING_DRIVER)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(driver), "-c", "configs/diabetes.yaml", "configs/Ours_LR.yaml",
+                             "--nproc", "2", "-l", str(tmp_path / "runs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert time.monotonic() - start < 60
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+    leftover = subprocess.run(["pgrep", "-f", str(driver)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+
+
+def test_unsupported_algorithm_is_refused_before_starting(tmp_path):
+    result = run_cli("train.py", "-c", "configs/diabetes.yaml", "configs/DiffThroughOpt.yaml", "--nproc", "2",
+                     "-l", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert "DiffThroughOpt does not run on several processes yet" in result.stderr
+    assert not (tmp_path / "runs").exists()
