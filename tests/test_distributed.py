@@ -90,3 +90,19 @@ def test_unsupported_algorithm_is_refused_before_starting(tmp_path):
     assert result.returncode == 2
     assert "DiffThroughOpt does not run on several processes yet" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_torchrun_runs_the_same_job(tmp_path):
+    one = run_ranks(tmp_path, "Ours_LR_Momentum", 1, "--hyperparameter_steps", "20")
+    checkpoint = tmp_path / "torchrun.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py",
+         "-c", "configs/diabetes.yaml", "configs/Ours_LR_Momentum.yaml", "--seed", "5", "--set", "dtype=float64",
+         "--set", "model.layer_sizes=[10, 8, 1]", "--set", "batch_size=32", "--hyperparameter_steps", "20",
+         "-l", str(tmp_path / "runs_torchrun"), "-S", str(checkpoint)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("completed after 200 weight steps") == 1         # rank 0 alone reports
+    many = torch.load(checkpoint, weights_only=True)
+    for name, value in one["model"].items():
+        assert_close(many["model"][name], value)
