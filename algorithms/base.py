@@ -35,7 +35,6 @@ class HyperOptimiser:
 
     optimises = False
     tracked_steps = 0
-    data_parallel = True      # runs on N processes exactly as on one (see algorithms/distributed.py)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

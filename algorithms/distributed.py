@@ -5,12 +5,17 @@ process with batch B. Every rank draws the same global batch and keeps its conti
 loss is the shard's mean weighted by (shard rows / B), so the sum over ranks of the shard losses,
 and of their gradients, is the global batch mean and its gradient (uneven shards included).
 
-Differentiating through an all-reduced gradient. In a tracked step every rank holds a copy of the
-replicated computation w' = w - u(w, sum_r g_r(w)). `sum_gradients` sums the shard gradients with a
-backward that passes the incoming gradient through unchanged, and `share_direct_path` makes w
-enter u's direct (non-gradient) path scaled by 1/N. A vector-Jacobian product through the step on
-rank r then yields (1/N) * direct + (shard r's Hessian) * vector, and one all-reduce (sum) of that
-over ranks is the exact global product: one model-sized all-reduce per product.
+Differentiating through an all-reduced gradient, two ways:
+- Implicit algorithms take vector-Jacobian products of one tracked step w' = w - u(w, sum_r g_r(w))
+  with a vector every rank holds alike. `sum_gradients` sums the shard gradients with a backward
+  that passes the incoming gradient through unchanged, and `share_direct_path` makes w enter u's
+  direct (non-gradient) path scaled by 1/N. A product on rank r then yields
+  (1/N) * direct + (shard r's Hessian) * vector, and one all-reduce (sum) of that over ranks is the
+  exact global product: one model-sized all-reduce per Neumann term.
+- Unrolled algorithms back-propagate each rank's share of the validation loss through R steps.
+  `all_reduce_differentiable` has the exact adjoint of a cross-rank sum (its backward sums the
+  incoming gradients over ranks, one all-reduce per unrolled step), and the hypergradients of the
+  shares are summed at the end.
 """
 from __future__ import annotations
 
@@ -93,6 +98,26 @@ def sum_gradients(gradients: list[torch.Tensor], context: Context) -> list[torch
     if not context.active:
         return list(gradients)
     return list(_SumGradients.apply(context, *gradients))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, context: Context, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.context = context
+        return tuple(all_reduce_([t.clone() for t in tensors], context))
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor) -> tuple:
+        return (None, *all_reduce_([g.clone() for g in grad_outputs], ctx.context))
+
+
+def all_reduce_differentiable(tensors: list[torch.Tensor], context: Context) -> list[torch.Tensor]:
+    """Sum over ranks with the exact adjoint (its backward sums the incoming gradients over ranks):
+    for graphs in which each rank differentiates its own share of a global objective, such as an
+    unrolled run's validation loss over a sharded batch."""
+    if not context.active:
+        return list(tensors)
+    return list(_AllReduceSum.apply(context, *tensors))
 
 
 class _ScaleGradient(torch.autograd.Function):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import higher
 import torch
 
+from algorithms import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 
 class UnrolledHyperOptimiser(GradientHyperOptimiser):
-    data_parallel = False     # the unrolled graph needs all-reduces inside higher's steps: not yet
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -73,12 +73,15 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         for p, buffer in zip(learner.params, learner.rule_state["momentum_buffer"], strict=False):
             torch_sgd.state[p]["momentum_buffer"] = buffer
         override = {name: [natural[name]] for name in ("lr", "weight_decay", "momentum")}
+        def global_gradient(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+            return distributed.all_reduce_differentiable(list(grads), learner.context)
+
         with higher.innerloop_ctx(learner.model, torch_sgd, copy_initial_weights=False,
                                   override=override) as (fast_model, differentiable_sgd):
             def unrolled_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
                 outputs = fast_model(batch.inputs)
                 loss = learner.local_loss(outputs, batch)
-                differentiable_sgd.step(loss)
+                differentiable_sgd.step(loss, grad_callback=global_gradient)
                 return outputs, loss
 
             self._fast_model = fast_model
@@ -99,4 +102,5 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         validation_loss = learner.local_loss(self._fast_model(batch.inputs), batch)
         leaves = self.hyperparameters.leaves()
         grads = torch.autograd.grad(validation_loss, leaves, allow_unused=True)
-        return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
+        return distributed.all_reduce_(grads, learner.context)    # each rank held its shard's share

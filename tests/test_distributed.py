@@ -30,7 +30,7 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("algorithm,nproc", [
     ("Random", 2), ("Ours_LR", 2), ("Ours_LR_Momentum", 2), ("Ours_HDLR_Momentum", 2), ("Lorraine", 2),
-    ("Baydin", 2), ("Ours_LR_Momentum", 3)])
+    ("Baydin", 2), ("DiffThroughOpt", 2), ("Ours_LR_Momentum", 3), ("DiffThroughOpt", 3)])
 def test_n_ranks_end_where_one_rank_ends(algorithm, nproc, tmp_path):
     steps = ["--hyperparameter_steps", "200"] if algorithm == "Baydin" else ["--hyperparameter_steps", "20"]
     one, many = run_ranks(tmp_path, algorithm, 1, *steps), run_ranks(tmp_path, algorithm, nproc, *steps)
@@ -82,14 +82,6 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(tmp_path):
     assert "injected failure on rank 1" in result.stderr
     leftover = subprocess.run(["pgrep", "-f", str(driver)], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
-
-
-def test_unsupported_algorithm_is_refused_before_starting(tmp_path):
-    result = run_cli("train.py", "-c", "configs/diabetes.yaml", "configs/DiffThroughOpt.yaml", "--nproc", "2",
-                     "-l", str(tmp_path / "runs"))
-    assert result.returncode == 2
-    assert "DiffThroughOpt does not run on several processes yet" in result.stderr
-    assert not (tmp_path / "runs").exists()
 
 
 def test_torchrun_runs_the_same_job(tmp_path):
