@@ -84,6 +84,73 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(tmp_path):
     assert leftover.stdout.strip() == ""
 
 
+CHECKING_DRIVER = '''
+import hashlib
+import sys
+
+import torch
+import torch.distributed as dist
+
+import algorithms
+import train
+
+
+def same_on_every_rank(tensors, what):
+    digest = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in tensors)).hexdigest()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, digest)
+    assert len(set(everyone)) == 1, f"{what} differ across ranks"
+    return 1
+
+
+original_step = train.Learner.weight_step
+checks = {"weights": 0, "hypergradients": 0}
+
+
+def weight_step(self, stepper):
+    result = original_step(self, stepper)
+    checks["weights"] += same_on_every_rank([p for p in stepper.model.parameters()], "weights")
+    return result
+
+
+def checked(hypergradient):
+    def wrapper(self, learner, stepper):
+        grads = hypergradient(self, learner, stepper)
+        checks["hypergradients"] += same_on_every_rank(grads, "hypergradients")
+        return grads
+    return wrapper
+
+
+original_finish = train.Learner.finish
+
+
+def finish(self, *args):
+    print(f"rank {self.context.rank} checked {checks['weights']} steps, {checks['hypergradients']} hypergradients")
+    return original_finish(self, *args)
+
+
+train.Learner.weight_step, train.Learner.finish = weight_step, finish
+for cls in {cls for cls in algorithms.ALGORITHMS.values() if "hypergradient" in vars(cls)}:
+    cls.hypergradient = checked(cls.hypergradient)
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("algorithm", ["Ours_HDLR_Momentum", "DiffThroughOpt"])
+def test_weights_and_hypergradients_are_identical_on_every_rank_at_every_step(algorithm, tmp_path):
+    driver = tmp_path / "checking_driver.py"
+    driver.write_text(CHECKING_DRIVER)
+    result = subprocess.run([sys.executable, str(driver), "-c", "configs/diabetes.yaml", f"configs/{algorithm}.yaml",
+                             "--nproc", "2", "--set", "batch_size=32", "--hyperparameter_steps", "10",
+                             "-l", str(tmp_path / "runs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO),
+                                                                                       "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} checked 100 steps, 10 hypergradients" in result.stdout
+
+
 def test_torchrun_runs_the_same_job(tmp_path):
     one = run_ranks(tmp_path, "Ours_LR_Momentum", 1, "--hyperparameter_steps", "20")
     checkpoint = tmp_path / "torchrun.pt"
