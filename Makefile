@@ -30,3 +30,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_algorithms.py --workload uci_energy
 	$(PY) bench/bench_algorithms.py --workload fashion_mnist_sized
+	$(PY) bench/bench_distributed.py

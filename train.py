@@ -384,6 +384,9 @@ def check_launch(cfg: Config, world_size: int) -> None:
     """Launch settings that cannot work, as ConfigErrors before any process starts."""
     if world_size < 1:
         raise ConfigError(f"--nproc {world_size}: needs at least 1 process")
+    if world_size > 1 and cfg.model.batch_norm:
+        raise ConfigError("model.batch_norm: BatchNorm statistics are not synchronised across processes yet "
+                          "(torch's SyncBatchNorm needs GPUs); use --nproc 1")
     if world_size > 1 and resolve_device(cfg.device).type == "cuda":
         raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
 

@@ -151,6 +151,14 @@ def test_weights_and_hypergradients_are_identical_on_every_rank_at_every_step(al
         assert f"rank {rank} checked 100 steps, 10 hypergradients" in result.stdout
 
 
+def test_batch_norm_models_are_refused_on_several_processes(tmp_path, capsys):
+    import train
+    code = train.main(["-c", str(REPO / "configs/diabetes.yaml"), str(REPO / "configs/Ours_LR.yaml"), "--nproc", "2",
+                       "--set", "model.batch_norm=true", "-l", str(tmp_path / "runs")])
+    assert code == 2 and "BatchNorm statistics are not synchronised" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_torchrun_runs_the_same_job(tmp_path):
     one = run_ranks(tmp_path, "Ours_LR_Momentum", 1, "--hyperparameter_steps", "20")
     checkpoint = tmp_path / "torchrun.pt"
