@@ -11,9 +11,7 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 from __future__ import annotations
 
 import math
-import os
 import secrets
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -394,10 +392,7 @@ def check_launch(cfg: Config, world_size: int) -> None:
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
                load_state: str | None) -> None:
     """One spawned process of `--nproc N`."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))   # N processes share the cores
-    context = distributed.Context(rank, world_size)
-    distributed.init(context)
+    context = distributed.join_local_group(rank, world_size, port)
     try:
         run_dir, metrics = train(cfg, save_state, load_state, context)
         if context.is_rank0:
@@ -412,11 +407,8 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
 
 def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None) -> int:
     """Run `world_size` local processes; the first to fail stops the others and is reported."""
-    with socket.socket() as probe:            # a free port for the process group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     try:
-        torch.multiprocessing.spawn(_rank_main, args=(world_size, port, cfg, save_state, load_state),
+        torch.multiprocessing.spawn(_rank_main, args=(world_size, distributed.free_port(), cfg, save_state, load_state),
                                     nprocs=world_size, join=True)
     except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
         print(f"train.py: error: the job stopped when the process of rank {error.error_index} failed; the first "

@@ -20,6 +20,7 @@ Differentiating through an all-reduced gradient, two ways:
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,23 @@ traffic = {"all_reduces": 0, "bytes": 0}
 def from_environment() -> Context:
     """The context torchrun (or our own launcher) describes in RANK / WORLD_SIZE."""
     return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def free_port() -> int:
+    """A port nothing listens on, for a local process group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def join_local_group(rank: int, world_size: int, port: int) -> Context:
+    """Make this process rank `rank` of `world_size` on this machine, as torchrun would; the
+    processes share the cores."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    context = Context(rank, world_size)
+    init(context)
+    return context
 
 
 def init(context: Context) -> None:

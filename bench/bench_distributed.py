@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,10 +31,7 @@ WINDOWS = 100
 
 
 def _rank(rank: int, world_size: int, port: int, algorithm: str, results: dict) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    context = distributed.Context(rank, world_size)
-    distributed.init(context)
+    context = distributed.join_local_group(rank, world_size, port)
     try:
         with tempfile.TemporaryDirectory() as log_root:
             setup = fashion_mnist_sized_setup(algorithm, log_root)
@@ -55,12 +51,10 @@ def measure(algorithm: str, world_size: int) -> tuple[float, dict, int]:
         results: dict = {}
         _rank(0, 1, 0, algorithm, results)
         return results[algorithm]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with torch.multiprocessing.Manager() as manager:
         results = manager.dict()
-        torch.multiprocessing.spawn(_rank, args=(world_size, port, algorithm, results), nprocs=world_size)
+        torch.multiprocessing.spawn(_rank, args=(world_size, distributed.free_port(), algorithm, results),
+                                    nprocs=world_size)
         return results[algorithm]
 
 
