@@ -82,6 +82,7 @@ class Learner:
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
         self.context = context
+        distributed.synchronise_batch_norm(self.model, context)
         # One generator per stream: the training order must not depend on how often the others are read.
         self.train_batches = self._stream(self.splits.train, 1)
         self.validation_batches = None
@@ -382,9 +383,6 @@ def check_launch(cfg: Config, world_size: int) -> None:
     """Launch settings that cannot work, as ConfigErrors before any process starts."""
     if world_size < 1:
         raise ConfigError(f"--nproc {world_size}: needs at least 1 process")
-    if world_size > 1 and cfg.model.batch_norm:
-        raise ConfigError("model.batch_norm: BatchNorm statistics are not synchronised across processes yet "
-                          "(torch's SyncBatchNorm needs GPUs); use --nproc 1")
     if world_size > 1 and resolve_device(cfg.device).type == "cuda":
         raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
 

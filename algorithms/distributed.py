@@ -131,7 +131,8 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor) -> tuple:
-        return (None, *all_reduce_([g.clone() for g in grad_outputs], ctx.context))
+        # The adjoint of a sum over ranks is a sum over ranks, itself differentiable (second order).
+        return (None, *_AllReduceSum.apply(ctx.context, *grad_outputs))
 
 
 def all_reduce_differentiable(tensors: list[torch.Tensor], context: Context) -> list[torch.Tensor]:
@@ -141,6 +142,51 @@ def all_reduce_differentiable(tensors: list[torch.Tensor], context: Context) -> 
     if not context.active:
         return list(tensors)
     return list(_AllReduceSum.apply(context, *tensors))
+
+
+class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch (all ranks' shards),
+    through a differentiable all-reduce of [sum, sum of squares, count]: the data-parallel
+    equivalent of one process's BatchNorm1d, to second order, on any device."""
+
+    def __init__(self, source: torch.nn.BatchNorm1d, context: Context):
+        super().__init__(source.num_features, source.eps, source.momentum, source.affine,
+                         source.track_running_stats, device=source.weight.device, dtype=source.weight.dtype)
+        self.load_state_dict(source.state_dict())
+        self.context = context
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(inputs)
+        count = torch.full((1,), float(len(inputs)), dtype=inputs.dtype, device=inputs.device)
+        total, squares, count = all_reduce_differentiable(
+            [inputs.sum(dim=0), (inputs * inputs).sum(dim=0), count], self.context)
+        mean = total / count
+        variance = squares / count - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                unbiased = variance * count / (count - 1)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        normalised = (inputs - mean) / torch.sqrt(variance + self.eps)
+        return normalised * self.weight + self.bias if self.affine else normalised
+
+
+def synchronise_batch_norm(model: torch.nn.Module, context: Context) -> torch.nn.Module:
+    """Replace every BatchNorm1d of `model` by a GlobalBatchNorm1d (on several processes)."""
+    if context.active:
+        for name, child in model.named_children():
+            if isinstance(child, torch.nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
+                setattr(model, name, GlobalBatchNorm1d(child, context))
+            else:
+                synchronise_batch_norm(child, context)
+    return model
+
+
+def couples_ranks(model: torch.nn.Module) -> bool:
+    """Whether the model's forward pass itself communicates (so products need exact adjoints)."""
+    return any(isinstance(m, GlobalBatchNorm1d) for m in model.modules())
 
 
 class _ScaleGradient(torch.autograd.Function):

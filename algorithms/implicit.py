@@ -41,16 +41,19 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
 
     @contextlib.contextmanager
     def tracking(self, learner: Learner) -> Iterator[Stepper]:
-        context = learner.context
+        context, exact = learner.context, distributed.couples_ranks(learner.model)
 
         def tracked_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             before = [p.detach().clone().requires_grad_() for p in learner.params]
             outputs = functional_call(learner.model, dict(zip(self.names, before, strict=True)), (batch.inputs,))
             loss = learner.local_loss(outputs, batch)
-            grads = torch.autograd.grad(loss, before, create_graph=self.rollback_distance > 1)
-            after, state = learner.rule.update(distributed.share_direct_path(before, context),
-                                               distributed.sum_gradients(list(grads), context),
-                                               learner.rule_state, self.hyperparameters.natural())
+            grads = list(torch.autograd.grad(loss, before, create_graph=self.rollback_distance > 1))
+            if exact:     # the forward pass couples ranks: exact adjoints, products averaged over copies
+                weights, gradient = before, distributed.all_reduce_differentiable(grads, context)
+            else:         # ranks couple only through the gradient sum: one all-reduce per product
+                weights = distributed.share_direct_path(before, context)
+                gradient = distributed.sum_gradients(grads, context)
+            after, state = learner.rule.update(weights, gradient, learner.rule_state, self.hyperparameters.natural())
             with torch.no_grad():
                 torch._foreach_copy_(learner.params, after)
             learner.rule_state = _detached(state)
@@ -70,9 +73,12 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
         validation_loss = learner.local_loss(learner.model(batch.inputs), batch)   # at the weights `after` holds
         term = distributed.all_reduce_(list(torch.autograd.grad(validation_loss, learner.params)), context)
         total = list(term)
+        copies = context.world_size if distributed.couples_ranks(learner.model) else 1
         for _ in range(self.rollback_distance - 1):
             term = list(torch.autograd.grad(after, before, grad_outputs=term, retain_graph=True))
             distributed.all_reduce_(term, context)      # global product: see algorithms/distributed.py
+            if copies > 1:
+                torch._foreach_div_(term, copies)
             torch._foreach_add_(total, term)
         leaves = self.hyperparameters.leaves()
         grads = torch.autograd.grad(after, leaves, grad_outputs=total, allow_unused=True)
