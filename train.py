@@ -95,6 +95,7 @@ class Learner:
         self.rule_state = self.rule.init_state(self.params)
         self.hyperparameters = Hyperparameters(cfg, self.rule.hyperparameters, self.params)
         self.fast_stepper = Stepper(self.model, self._fast_step)
+        self.fast_hyperparameters = self.hyperparameters.natural_values()   # refreshed every window
         self.algorithm = algorithms.build(cfg, self)
         self.steps_done = 0
         self.windows_done = 0
@@ -249,7 +250,7 @@ class Learner:
             progress.update(T)
             progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
         progress.close()
-        return self.finish(time.perf_counter() - start, self._window_hyperparameters)
+        return self.finish(time.perf_counter() - start)
 
     def _logged_step(self, h: int, s: int, stepper: Stepper) -> torch.Tensor:
         """Weight step h*T + s, measured and logged when due; returns its training loss."""
@@ -266,7 +267,7 @@ class Learner:
                 self._log_last(h - 1, scalars | self._previous_window_hyperparameters)
         return step_result[-1]
 
-    def finish(self, train_seconds: float, window_hyperparameters: dict[str, float]) -> dict:
+    def finish(self, train_seconds: float) -> dict:
         """Measure the final weights on whole splits, log them at step H*T (and as the last
         window's Last_* tags), return the metrics."""
         if self.status == "running":
@@ -274,7 +275,7 @@ class Learner:
         final = self.evaluate(self.whole(self.splits.train))
         scalars = self.to_scalars({"Training": final} | self.measure_held_out(whole=True))
         self._log(self.steps_done, scalars | self.hyperparameters.log_values())
-        self._log_last((self.steps_done - 1) // self.cfg.network_weight_steps, scalars | window_hyperparameters)
+        self._log_last((self.steps_done - 1) // self.cfg.network_weight_steps, scalars | self._window_hyperparameters)
         return {
             "status": self.status,
             "weight_steps": self.steps_done,

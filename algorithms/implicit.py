@@ -37,20 +37,23 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
         super().__init__(cfg, learner)
         self.rollback_distance = cfg.tuning.rollback_distance
         self.names = [name for name, _ in learner.model.named_parameters()]
+        # Ranks coupled in the forward pass (synchronised BatchNorm) need exact adjoints, with each
+        # product averaged over the N copies; otherwise one all-reduce per product suffices.
+        self.exact_products = distributed.couples_ranks(learner.model)
         self._last_step: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @contextlib.contextmanager
     def tracking(self, learner: Learner) -> Iterator[Stepper]:
-        context, exact = learner.context, distributed.couples_ranks(learner.model)
+        context = learner.context
 
         def tracked_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             before = [p.detach().clone().requires_grad_() for p in learner.params]
             outputs = functional_call(learner.model, dict(zip(self.names, before, strict=True)), (batch.inputs,))
             loss = learner.local_loss(outputs, batch)
             grads = list(torch.autograd.grad(loss, before, create_graph=self.rollback_distance > 1))
-            if exact:     # the forward pass couples ranks: exact adjoints, products averaged over copies
+            if self.exact_products:
                 weights, gradient = before, distributed.all_reduce_differentiable(grads, context)
-            else:         # ranks couple only through the gradient sum: one all-reduce per product
+            else:
                 weights = distributed.share_direct_path(before, context)
                 gradient = distributed.sum_gradients(grads, context)
             after, state = learner.rule.update(weights, gradient, learner.rule_state, self.hyperparameters.natural())
@@ -73,7 +76,7 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
         validation_loss = learner.local_loss(learner.model(batch.inputs), batch)   # at the weights `after` holds
         term = distributed.all_reduce_(list(torch.autograd.grad(validation_loss, learner.params)), context)
         total = list(term)
-        copies = context.world_size if distributed.couples_ranks(learner.model) else 1
+        copies = context.world_size if self.exact_products else 1
         for _ in range(self.rollback_distance - 1):
             term = list(torch.autograd.grad(after, before, grad_outputs=term, retain_graph=True))
             distributed.all_reduce_(term, context)      # global product: see algorithms/distributed.py
