@@ -136,3 +136,17 @@ def test_set_without_equals_sign(tmp_path):
 def test_config_round_trips_through_its_dict():
     cfg = config.load_from([str(REPO / "configs/uci_energy.yaml")], overrides=["seed=3"])
     assert config.build_config(config.to_dict(cfg)) == cfg
+
+
+DATASET_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name[0].islower())
+ALGORITHM_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name[0].isupper())
+
+
+@pytest.mark.parametrize("dataset", DATASET_CONFIGS)
+def test_every_shipped_config_combination_validates_and_builds(dataset, data_dir):
+    for algorithm in ALGORITHM_CONFIGS:
+        cfg = config.load_from([str(REPO / "configs" / dataset), str(REPO / "configs" / algorithm)],
+                               overrides=[f"dataset.data_dir={data_dir}"])
+        assert cfg.algorithm == algorithm.removesuffix(".yaml")
+    setup = train.prepare(cfg)        # the data loads and the model fits it
+    assert setup.model(setup.splits.test.inputs[:2]).shape[0] == 2
