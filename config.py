@@ -451,6 +451,13 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -461,7 +468,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                         help="config files, deep-merged in order (later wins)")
     for flags, key, kind, text in _FLAGS:
         parser.add_argument(*flags, dest=key, type=kind, default=None, help=f"sets {key}: {text}")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+    parser.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
                         help="data-parallel processes on this machine (gloo on CPU); batch_size stays the "
                              "global batch. Under torchrun, leave this out")
     parser.add_argument("-S", "--save_state", metavar="FILE",

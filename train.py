@@ -382,8 +382,6 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
 
 def check_launch(cfg: Config, world_size: int) -> None:
     """Launch settings that cannot work, as ConfigErrors before any process starts."""
-    if world_size < 1:
-        raise ConfigError(f"--nproc {world_size}: needs at least 1 process")
     if world_size > 1 and resolve_device(cfg.device).type == "cuda":
         raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
 

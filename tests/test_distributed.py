@@ -171,3 +171,9 @@ def test_torchrun_runs_the_same_job(tmp_path):
     many = torch.load(checkpoint, weights_only=True)
     for name, value in one["model"].items():
         assert_close(many["model"][name], value)
+
+
+def test_nproc_below_one_is_rejected(tmp_path):
+    result = run_cli("train.py", "-c", "configs/diabetes.yaml", "--nproc", "0", "-l", str(tmp_path / "runs"))
+    assert result.returncode == 2 and "--nproc: must be at least 1, got 0" in result.stderr
+    assert not (tmp_path / "runs").exists()
