@@ -134,7 +134,22 @@ class TuningConfig:
 
 
 @dataclass(frozen=True)
+class MetaConfig:
+    points: int = option(100, "learned dataset: number of points (half labelled 0, half 1)", low=2)
+    dimensions: int = option(2, "learned dataset: dimensions of each point", low=1)
+    inner_steps: int = option(3, "SGD steps that adapt each fresh linear classifier", low=1)
+    inner_lr: float = option(0.1, "step size of those inner SGD steps", low=0.0, low_inclusive=False)
+    outer_steps: int = option(500, "outer (dataset) steps", low=1)
+    outer_optimiser: str = option("adam", "optimiser of the dataset", choices=lambda: ["adam", "sgd"])
+    outer_lr: float = option(0.05, "its step size", low=0.0, low_inclusive=False)
+    evaluation_tasks: int = option(1000, "fresh classifiers adapted to the final dataset to evaluate it", low=1)
+
+
+@dataclass(frozen=True)
 class Config:
+    task: str = option("hyperparameter_optimisation", "what a run does: tune hyperparameters while "
+                       "training, or learn a dataset by meta-learning (meta.*)",
+                       choices=lambda: ["hyperparameter_optimisation", "meta_dataset"])
     algorithm: str = option("Random", "hyperparameter optimisation algorithm", choices=_algorithm_names)
     dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata=dict(doc="the data"))
     model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="the network"))
@@ -143,6 +158,7 @@ class Config:
                                        metadata=dict(doc="weight optimiser and initial hyperparameters"))
     tuning: TuningConfig = field(default_factory=TuningConfig,
                                  metadata=dict(doc="how the hyperparameters are optimised"))
+    meta: MetaConfig = field(default_factory=MetaConfig, metadata=dict(doc="the meta-learning task"))
     batch_size: int | None = option(None, "training batch size; null = the full training set", low=1)
     network_weight_steps: int = option(10, "weight steps per hyperparameter step (T)", low=1)
     hyperparameter_steps: int = option(400, "number of hyperparameter steps (H); H*T weight steps in all", low=1)

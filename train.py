@@ -27,7 +27,7 @@ import config
 import datasets
 import models
 import util
-from algorithms import distributed
+from algorithms import distributed, meta
 from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
 from algorithms.weight_update import RULES
@@ -304,6 +304,13 @@ def summary(run_dir: Path, cfg: Config, metrics: dict) -> str:
     """A few lines for the terminal: outcome, final metrics, hyperparameters, where the logs are."""
     final = metrics["final"]
     processes = f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""
+    if cfg.task == "meta_dataset":
+        return "\n".join([
+            f"Learned dataset ({cfg.meta.points} points): {metrics['status']} after {metrics['outer_steps']} outer "
+            f"steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']}{processes})",
+            f"  {cfg.meta.evaluation_tasks} fresh classifiers after {cfg.meta.inner_steps} steps: accuracy "
+            f"{final['Meta/Adapted_Accuracy']:.4f}, loss {final['Meta/Adapted_Loss']:.4f}",
+            f"  logs                  {run_dir}  (config.json, metrics.json, learned_dataset.pt, TensorBoard)"])
     rows = [f"{cfg.algorithm} on {cfg.dataset.name}: {metrics['status']} after {metrics['weight_steps']} "
             f"weight steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']}{processes})",
             f"  {'':<22}{'training':>12}{'validation':>12}{'test':>12}"]
@@ -349,35 +356,65 @@ def save_checkpoint(path: str, learner: Learner, run_dir: Path) -> None:
     util.atomic_torch_save(state, Path(path))
 
 
+def open_run(cfg: Config, context: distributed.Context,
+             run_dir: Path | None = None) -> tuple[Path | None, util.RunLog | None]:
+    """Rank 0's run directory (a new one unless given) and its TensorBoard log; nothing elsewhere."""
+    if not context.is_rank0:
+        return run_dir, None
+    if run_dir is None:
+        run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
+        util.write_json(run_dir / "config.json", config.to_dict(cfg))
+    return run_dir, util.RunLog(run_dir)
+
+
+def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg: Config,
+              context: distributed.Context) -> dict:
+    metrics |= {"seed": cfg.seed, "run_dir": str(run_dir), "world_size": context.world_size}
+    if log is not None:
+        log.close()
+        util.write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
 def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
           context: distributed.Context = distributed.SINGLE) -> tuple[Path | None, dict]:
-    """Run one configured training job end to end (as one rank of `context`); returns the run
-    directory (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging
-    on in its run directory; `save_state` writes one at the end. Only rank 0 writes anything."""
+    """Run one configured job end to end (as one rank of `context`); returns the run directory
+    (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging on in its
+    run directory; `save_state` writes one at the end. Only rank 0 writes anything."""
+    if cfg.task == "meta_dataset":
+        return train_meta_dataset(cfg, context, save_state or load_state)
     setup = prepare(cfg)
     cfg = setup.cfg
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
-    run_dir = None
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
-        run_dir = Path(checkpoint["run_dir"])
-    elif context.is_rank0:
-        run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
-        util.write_json(run_dir / "config.json", config.to_dict(cfg))
-    if context.is_rank0:
-        learner.log = util.RunLog(run_dir)
+    run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else None)
     try:
         metrics = learner.run()
     finally:
         if learner.log is not None:
             learner.log.close()
-    metrics |= {"seed": cfg.seed, "run_dir": str(run_dir), "world_size": context.world_size}
-    if context.is_rank0:
-        util.write_json(run_dir / "metrics.json", metrics)
-        if save_state:
-            save_checkpoint(save_state, learner, run_dir)
+    metrics = close_run(run_dir, learner.log, metrics, cfg, context)
+    if context.is_rank0 and save_state:
+        save_checkpoint(save_state, learner, run_dir)
     return run_dir, metrics
+
+
+def train_meta_dataset(cfg: Config, context: distributed.Context,
+                       checkpoint: str | None) -> tuple[Path | None, dict]:
+    """The meta-learning task (algorithms/meta.py): learn a dataset that classifiers learn fast."""
+    if checkpoint:
+        raise ConfigError("-S/-s: checkpoints are for hyperparameter optimisation runs, not task: meta_dataset")
+    if cfg.seed is None:
+        cfg = replace(cfg, seed=secrets.randbelow(2**31))
+    run_dir, log = open_run(cfg, context)
+    try:
+        metrics = meta.train_learned_dataset(cfg, context, log)
+    finally:
+        if log is not None:
+            log.close()
+    return run_dir, close_run(run_dir, log, metrics, cfg, context)
 
 
 def check_launch(cfg: Config, world_size: int) -> None:
