@@ -109,3 +109,14 @@ def test_meta_dataset_config_runs_on_one_and_two_processes(tmp_path):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert 0 <= metrics["final"]["Meta/Adapted_Accuracy"] <= 1 and metrics["world_size"] == int(nproc)
         assert (run_dir / "learned_dataset.pt").is_file()
+
+
+@pytest.mark.slow
+def test_scaling_command_writes_figure_and_table(tmp_path):
+    result = run_cli("meta_scaling.py", "--world-sizes", "1", "2", "--seeds", "1", "--out", str(tmp_path),
+                     "--set", "meta.outer_steps=20", "--set", "meta.evaluation_tasks=20")
+    assert result.returncode == 0, result.stderr
+    for name in ("figure.png", "figure.pdf"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    rows = (tmp_path / "results.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["1", "2"]
