@@ -442,8 +442,9 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
 def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None) -> int:
     """Run `world_size` local processes; the first to fail stops the others and is reported."""
     try:
-        torch.multiprocessing.spawn(_rank_main, args=(world_size, distributed.free_port(), cfg, save_state, load_state),
-                                    nprocs=world_size, join=True)
+        with distributed.local_rendezvous() as port:
+            torch.multiprocessing.spawn(_rank_main, args=(world_size, port, cfg, save_state, load_state),
+                                        nprocs=world_size, join=True)
     except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
         print(f"train.py: error: the job stopped when the process of rank {error.error_index} failed; the first "
               f"'error on rank' line above is the cause", file=sys.stderr)

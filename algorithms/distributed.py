@@ -19,8 +19,9 @@ Differentiating through an all-reduced gradient, two ways:
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,21 +53,25 @@ def from_environment() -> Context:
     return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def free_port() -> int:
-    """A port nothing listens on, for a local process group's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@contextlib.contextmanager
+def local_rendezvous() -> Iterator[int]:
+    """A rendezvous store for processes on this machine, held by the launching process on a port
+    the system picks (no window in which another program can take the port); yields the port."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield store.port
+    finally:
+        del store
 
 
 def join_local_group(rank: int, world_size: int, port: int) -> Context:
-    """Make this process rank `rank` of `world_size` on this machine, as torchrun would; the
-    processes share the cores."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """Make this process rank `rank` of `world_size` on this machine, meeting at the launcher's
+    `local_rendezvous` store; the processes share the cores."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    context = Context(rank, world_size)
-    init(context)
-    return context
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    return Context(rank, world_size)
 
 
 def init(context: Context) -> None:

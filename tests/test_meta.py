@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.func import grad
 
 from algorithms import distributed, meta
 from tests.conftest import run_cli
@@ -22,19 +23,25 @@ def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
-def test_cavia_outer_gradient_equals_a_hand_written_unroll():
+def test_cavia_outer_gradient_equals_a_torch_func_unroll():
     module = toy()
     outer = bce(module(), module.module.Y)
     (got,) = torch.autograd.grad(outer, module.module.X)
 
     draw = meta.classifier_draw(2, torch.Generator().manual_seed(1), DTYPE)()      # the same classifier
-    X = module.module.X.detach().clone().requires_grad_()
     labels = module.module.Y
-    w, b = draw["w"].requires_grad_(), draw["b"].requires_grad_()
-    for _ in range(3):
-        gw, gb = torch.autograd.grad(bce(X @ w + b, labels), (w, b), create_graph=True)
-        w, b = w - 0.1 * gw, b - 0.1 * gb
-    (expected,) = torch.autograd.grad(bce(X @ w + b, labels), X)
+
+    def inner_loss(w: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return bce(X @ w + b, labels)
+
+    def outer_loss(X: torch.Tensor) -> torch.Tensor:
+        w, b = draw["w"], draw["b"]
+        for _ in range(3):
+            gw, gb = grad(inner_loss, argnums=(0, 1))(w, b, X)
+            w, b = w - 0.1 * gw, b - 0.1 * gb
+        return inner_loss(w, b, X)
+
+    expected = grad(outer_loss)(module.module.X.detach())
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
@@ -88,7 +95,8 @@ def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_ddp_averages_outer_gradients_of_per_rank_tasks(tmp_path):
     out = str(tmp_path / "rank")
-    torch.multiprocessing.spawn(_rank_gradients, args=(2, distributed.free_port(), out), nprocs=2)
+    with distributed.local_rendezvous() as port:
+        torch.multiprocessing.spawn(_rank_gradients, args=(2, port, out), nprocs=2)
     ranks = [json.loads(open(f"{out}.{rank}").read()) for rank in range(2)]
     ddp = [torch.tensor(r["ddp"], dtype=DTYPE) for r in ranks]
     torch.testing.assert_close(ddp[0], ddp[1], rtol=0, atol=0)                      # identical on every rank
