@@ -82,6 +82,7 @@ class Learner:
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
         self.context = context
+        self._whole_shards: dict[int, datasets.Batch] = {}
         distributed.synchronise_batch_norm(self.model, context)
         # One generator per stream: the training order must not depend on how often the others are read.
         self.train_batches = self._stream(self.splits.train, 1)
@@ -188,8 +189,10 @@ class Learner:
         return totals
 
     def whole(self, split: datasets.Split) -> datasets.Batch:
-        """This rank's shard of a whole split."""
-        return datasets.shard_batch(split.inputs, split.targets, self.context)
+        """This rank's shard of a whole split (computed once per split)."""
+        if id(split) not in self._whole_shards:
+            self._whole_shards[id(split)] = datasets.shard_batch(split.inputs, split.targets, self.context)
+        return self._whole_shards[id(split)]
 
     def measure_held_out(self, model: nn.Module | None = None,
                          whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
@@ -401,11 +404,25 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     return run_dir, metrics
 
 
+def refuse_meta_checkpoint(cfg: Config, checkpoint: str | None) -> None:
+    if cfg.task == "meta_dataset" and checkpoint:
+        raise ConfigError("-S/-s: checkpoints are for hyperparameter optimisation runs, not task: meta_dataset")
+
+
+def preflight(cfg: Config, save_state: str | None, load_state: str | None) -> None:
+    """What the ranks of `launch` would reject, checked once before any starts (so it is one
+    ConfigError line and exit 2, not one traceback per rank)."""
+    refuse_meta_checkpoint(cfg, save_state or load_state)
+    if cfg.task != "meta_dataset":
+        setup = prepare(cfg)                      # the data is there and the model fits it
+        if load_state:
+            load_checkpoint(load_state, setup.cfg)
+
+
 def train_meta_dataset(cfg: Config, context: distributed.Context,
                        checkpoint: str | None) -> tuple[Path | None, dict]:
     """The meta-learning task (algorithms/meta.py): learn a dataset that classifiers learn fast."""
-    if checkpoint:
-        raise ConfigError("-S/-s: checkpoints are for hyperparameter optimisation runs, not task: meta_dataset")
+    refuse_meta_checkpoint(cfg, checkpoint)
     if cfg.seed is None:
         cfg = replace(cfg, seed=secrets.randbelow(2**31))
     run_dir, log = open_run(cfg, context)
@@ -463,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.seed is None:                            # drawn once, so that every rank agrees
             cfg = replace(cfg, seed=distributed.broadcast_from_rank0(secrets.randbelow(2**31), context))
         if args.nproc > 1:
+            preflight(cfg, args.save_state, args.load_state)
             return launch(cfg, args.nproc, args.save_state, args.load_state)
         try:
             run_dir, metrics = train(cfg, args.save_state, args.load_state, context)
