@@ -76,7 +76,13 @@ class DatasetConfig:
     normalise_inputs: bool = option(True, "standardise each input feature with train+validation statistics")
     normalise_outputs: bool = option(False, "standardise regression targets (losses are also logged unnormalised)")
     full_validation: bool = option(False, "evaluate the whole validation split at each log, not one batch")
+    test_batch_size: int | None = option(
+        None, "intermediate measurements of the test set use a random batch of this many rows (token "
+              "streams: time steps); null = the whole test split. The final measurement always uses it all",
+        low=1)
     data_dir: str | None = option(None, "folder of processed datasets (default: data/ in the repository)")
+    sequence_streams: int = option(40, "language-model datasets: parallel streams the token sequence is cut "
+                                       "into (batch_size is then the truncated-BPTT length)", low=1)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ class ModelConfig:
     layer_sizes: tuple[int, ...] = option((10, 50, 1), "widths from inputs to outputs", low=1)
     activation: str = option("relu", "hidden-layer nonlinearity", choices=_activation_names)
     batch_norm: bool = option(False, "BatchNorm before each hidden activation")
+    embedding_size: int = option(650, "lstm: width of the token embedding", low=1)
+    hidden_size: int = option(650, "lstm: units per LSTM layer", low=1)
+    num_layers: int = option(2, "lstm: stacked LSTM layers", low=1)
 
 
 def _rule_names() -> list[str]:
@@ -112,6 +121,9 @@ class OptimiserConfig:
     lr_bounds: tuple[float, float] = option(
         (1.0e-10, 1.0), "lr is clipped into [low, high] after each hyperparameter step",
         low=0.0, low_inclusive=False)
+    gradient_clip: float | None = option(
+        None, "scale the (global) weight gradient down to at most this norm before every update, as "
+              "torch.nn.utils.clip_grad_norm_ does; null = no clipping", low=0.0, low_inclusive=False)
 
 
 @dataclass(frozen=True)
@@ -489,6 +501,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                              "global batch. Under torchrun, leave this out")
     parser.add_argument("-S", "--save_state", metavar="FILE",
                         help="write a checkpoint of the complete training state to FILE at the end")
+    parser.add_argument("--checkpoint_every", type=_positive_int, metavar="K",
+                        help="with -S FILE, also write FILE (atomically) every K hyperparameter steps, so that "
+                             "a killed run can be resumed with -s FILE")
     parser.add_argument("-s", "--load_state", metavar="FILE",
                         help="resume from a checkpoint: same config (hyperparameter_steps may grow), "
                              "logging on in its run directory")

@@ -28,48 +28,64 @@ class DatasetMissing(ConfigError):
     """A processed dataset file is absent; the message says which command creates it."""
 
 
+class RawData(NamedTuple):
+    inputs: np.ndarray         # rows of features, or images (n, C, H, W); for token data, train+validation tokens
+    targets: np.ndarray        # (n, 1) targets or class labels; for token data, the test tokens
+    test_size: int             # the last `test_size` rows are the test set (token data: unused)
+    vocabulary_size: int = 0   # token data only
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    task: str                      # "regression" or "classification"
-    train_val_size: int
-    test_size: int
-    load: Callable[[str, Path], tuple[np.ndarray, np.ndarray]]   # (name, data_dir) -> (inputs, targets)
-    raw_name: str = ""             # folder name of the raw files, for the download script
-
-    @property
-    def size(self) -> int:
-        return self.train_val_size + self.test_size
+    task: str                  # "regression", "classification" or "language_model"
+    load: Callable[[str, Path], RawData]                     # (name, data_dir) -> raw data
+    size: int | None = None    # rows expected (None: whatever the processed file holds)
+    normalise: Callable[[np.ndarray, int], np.ndarray] | None = None   # (inputs, train_val rows) -> inputs
+    raw_name: str = ""         # folder name of the raw files, for the download script
 
 
 def processed_path(name: str, data_dir: Path) -> Path:
     return Path(data_dir) / f"{name}.npz"
 
 
-def load_processed(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read `<data_dir>/<name>.npz`, written by download_and_process_data.py (no pickles)."""
+def _open_processed(name: str, data_dir: Path) -> np.lib.npyio.NpzFile:
     path = processed_path(name, data_dir)
     if not path.is_file():
         raise DatasetMissing(f"processed dataset '{name}' not found at {path}; create it with: "
                              f"python download_and_process_data.py {name} --source ../shared/data "
                              f"(or without --source to download it)")
-    with np.load(path, allow_pickle=False) as archive:
-        return archive["inputs"], archive["targets"]
+    return np.load(path, allow_pickle=False)
 
 
-def load_diabetes(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled diabetes regression set (442 x 10), in a fixed shuffled order."""
-    from sklearn.datasets import load_diabetes as sklearn_diabetes
-    inputs, targets = sklearn_diabetes(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(inputs))
-    return inputs[order], targets[order, None]
+def load_processed(name: str, data_dir: Path) -> RawData:
+    """Read `<data_dir>/<name>.npz`, written by download_and_process_data.py (no pickles)."""
+    with _open_processed(name, data_dir) as archive:
+        test_size = int(archive["test_size"]) if "test_size" in archive else UCI_SETS[name][2]
+        return RawData(archive["inputs"], archive["targets"], test_size)
 
 
-def load_digits(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), in a fixed shuffled order."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    inputs, targets = sklearn_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(inputs))
-    return inputs[order], targets[order, None]
+def load_tokens(name: str, data_dir: Path) -> RawData:
+    """A processed text corpus: train+validation and test token ids, and the vocabulary's size."""
+    with _open_processed(name, data_dir) as archive:
+        return RawData(archive["train_val"], archive["test"], len(archive["test"]), len(archive["vocabulary"]))
+
+
+def _load_sklearn(loader: str) -> Callable[[str, Path], RawData]:
+    """A set bundled with scikit-learn (sklearn.datasets.<loader>), in a fixed shuffled order."""
+    def load(name: str, data_dir: Path) -> RawData:
+        import sklearn.datasets
+        inputs, targets = getattr(sklearn.datasets, loader)(return_X_y=True)
+        order = np.random.default_rng(0).permutation(len(inputs))
+        return RawData(inputs[order], targets[order, None], SKLEARN_TEST_SIZES[name])
+    return load
+
+
+def normalise_channels(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[np.ndarray, int], np.ndarray]:
+    """Scale 8-bit images to [0, 1], then standardise each channel with fixed statistics."""
+    def normalise(images: np.ndarray, train_val_rows: int) -> np.ndarray:
+        shape = (1, -1) + (1,) * (images.ndim - 2)
+        return (images / 255.0 - np.reshape(mean, shape)) / np.reshape(std, shape)
+    return normalise
 
 
 # The UCI regression sets as distributed by Gal & Ghahramani, with the original's split sizes.
@@ -83,12 +99,20 @@ UCI_SETS = {
     "uci_wine": ("wine-quality-red", 1439, 160),
     "uci_yacht": ("yacht", 277, 31),
 }
+SKLEARN_TEST_SIZES = {"diabetes": 44, "digits": 180}
+# CIFAR-10's standard per-channel statistics of the [0, 1]-scaled training images.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 DATASETS: dict[str, DatasetSpec] = {
-    "diabetes": DatasetSpec("regression", 398, 44, load_diabetes),
-    "digits": DatasetSpec("classification", 1617, 180, load_digits),
-    **{name: DatasetSpec("regression", train_val, test, load_processed, raw)
+    "diabetes": DatasetSpec("regression", _load_sklearn("load_diabetes"), 442),
+    "digits": DatasetSpec("classification", _load_sklearn("load_digits"), 1797),
+    **{name: DatasetSpec("regression", load_processed, train_val + test, raw_name=raw)
        for name, (raw, train_val, test) in UCI_SETS.items()},
+    "fashion_mnist": DatasetSpec("classification", load_processed, 70000, raw_name="fashion-mnist"),
+    "cifar10": DatasetSpec("classification", load_processed, None, normalise_channels(CIFAR10_MEAN, CIFAR10_STD),
+                           raw_name="cifar10"),
+    "penn_treebank": DatasetSpec("language_model", load_tokens, raw_name="ptb"),
+    "penn_treebank_small": DatasetSpec("language_model", load_tokens, raw_name="ptb"),
 }
 
 
@@ -96,6 +120,7 @@ DATASETS: dict[str, DatasetSpec] = {
 class Split:
     inputs: torch.Tensor
     targets: torch.Tensor
+    sequential: bool = False    # rows are consecutive time steps of parallel token streams (columns)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -107,9 +132,13 @@ class Splits:
     validation: Split | None    # None when validation_proportion is 0
     test: Split
     task: str
-    num_inputs: int
-    num_outputs: int               # regression targets, or classes
-    target_std: float | None    # scale that unnormalises regression targets, if normalised
+    input_shape: tuple[int, ...]   # of one input row: (features,), (C, H, W), or () for tokens
+    num_outputs: int               # regression targets, classes or vocabulary size
+    target_std: float | None = None   # scale that unnormalises regression targets, if normalised
+
+    @property
+    def num_inputs(self) -> int:
+        return self.input_shape[0]
 
 
 def split_sizes(train_val_size: int, validation_proportion: float) -> tuple[int, int]:
@@ -125,25 +154,33 @@ def standardise(train_val: np.ndarray, *arrays: np.ndarray, per_feature: bool) -
     """
     axis = 0 if per_feature else None
     constant = train_val.max(axis=axis) == train_val.min(axis=axis)
-    mean = np.where(constant, train_val.min(axis=axis), train_val.mean(axis=axis))
-    std = np.where(constant, 1.0, train_val.std(axis=axis))
-    return [(a - mean) / std for a in arrays], std
+    mean = np.where(constant, train_val.min(axis=axis), train_val.mean(axis=axis, dtype=np.float64))
+    std = np.where(constant, 1.0, train_val.std(axis=axis, dtype=np.float64))
+    return [((a - mean) / std).astype(a.dtype) for a in arrays], std
+
+
+def standardise_features(inputs: np.ndarray, train_val_rows: int) -> np.ndarray:
+    return standardise(inputs[:train_val_rows], inputs, per_feature=True)[0][0]
 
 
 def make_splits(cfg: DatasetConfig, dtype: torch.dtype, device: torch.device) -> Splits:
     """Load a dataset and cut it into train / validation / test tensors on `device`."""
     spec = DATASETS[cfg.name]
-    inputs, targets = spec.load(cfg.name, Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR)
-    if len(inputs) != spec.size:
-        raise ConfigError(f"dataset '{cfg.name}' has {len(inputs)} rows, expected {spec.size}; "
-                         f"re-create it with download_and_process_data.py")
-    inputs, targets = inputs.astype(np.float64), targets.astype(np.float64)
-    train_val = slice(0, spec.train_val_size)
+    raw = spec.load(cfg.name, Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR)
+    if spec.task == "language_model":
+        return make_sequence_splits(cfg, raw, device)
+    if spec.size is not None and len(raw.inputs) != spec.size:
+        raise ConfigError(f"dataset '{cfg.name}' has {len(raw.inputs)} rows, expected {spec.size}; "
+                          f"re-create it with download_and_process_data.py")
+    # 8-bit images become floats of the run's precision; tables are processed in float64.
+    work_dtype = np.float32 if raw.inputs.dtype == np.uint8 and dtype != torch.float64 else np.float64
+    inputs, targets = raw.inputs.astype(work_dtype), raw.targets.astype(np.float64)
+    train_val_size = len(inputs) - raw.test_size
     target_std = None
     if cfg.normalise_inputs:
-        (inputs,), _ = standardise(inputs[train_val], inputs, per_feature=True)
+        inputs = (spec.normalise or standardise_features)(inputs, train_val_size).astype(work_dtype)
     if cfg.normalise_outputs and spec.task == "regression":
-        (targets,), std = standardise(targets[train_val], targets, per_feature=False)
+        (targets,), std = standardise(targets[:train_val_size], targets, per_feature=False)
         target_std = float(std)
 
     classification = spec.task == "classification"
@@ -154,28 +191,75 @@ def make_splits(cfg: DatasetConfig, dtype: torch.dtype, device: torch.device) ->
             else torch.as_tensor(targets[rows], dtype=dtype, device=device)
         return Split(torch.as_tensor(inputs[rows], dtype=dtype, device=device), split_targets)
 
-    n_train, n_validation = split_sizes(spec.train_val_size, cfg.validation_proportion)
+    n_train, n_validation = split_sizes(train_val_size, cfg.validation_proportion)
     return Splits(
         train=split(slice(0, n_train)),
-        validation=split(slice(n_train, spec.train_val_size)) if n_validation else None,
-        test=split(slice(spec.train_val_size, spec.size)),
-        task=spec.task, num_inputs=inputs.shape[1], target_std=target_std,
+        validation=split(slice(n_train, train_val_size)) if n_validation else None,
+        test=split(slice(train_val_size, len(inputs))),
+        task=spec.task, input_shape=inputs.shape[1:], target_std=target_std,
         num_outputs=int(targets.max()) + 1 if classification else targets.shape[1])
+
+
+def make_sequence_splits(cfg: DatasetConfig, raw: RawData, device: torch.device) -> Splits:
+    """Token streams for truncated-BPTT language modelling, as in Zaremba et al.'s setup.
+
+    Each token sequence is cut into `sequence_streams` contiguous streams, the columns of a
+    (time, stream) table; row t's target is row t + 1. Train+validation rows are split
+    contiguously in time (so validation is the tail of every stream), test is its own table.
+    """
+    streams = cfg.sequence_streams
+
+    def table(tokens: np.ndarray, what: str) -> torch.Tensor:
+        rows = len(tokens) // streams
+        if rows < 2:
+            raise ConfigError(f"dataset '{cfg.name}': its {what} ({len(tokens)} tokens) is too short for "
+                              f"dataset.sequence_streams = {streams}")
+        return torch.as_tensor(tokens[:rows * streams], dtype=torch.long, device=device).view(streams, rows).t()
+
+    def pairs(tokens: torch.Tensor, start: int, stop: int) -> Split:
+        return Split(tokens[start:stop], tokens[start + 1:stop + 1], sequential=True)
+
+    train_val, test = table(raw.inputs, "train+validation text"), table(raw.targets, "test text")
+    n_train, n_validation = split_sizes(len(train_val) - 1, cfg.validation_proportion)
+    return Splits(
+        train=pairs(train_val, 0, n_train),
+        validation=pairs(train_val, n_train, n_train + n_validation) if n_validation else None,
+        test=pairs(test, 0, len(test) - 1),
+        task="language_model", input_shape=(), num_outputs=raw.vocabulary_size)
+
+
+class Carry:
+    """The recurrent state passed along a token stream: what enters the next batch."""
+
+    def __init__(self, hidden: tuple[torch.Tensor, ...] | None = None):
+        self.hidden = hidden
 
 
 class Batch(NamedTuple):
     inputs: torch.Tensor
     targets: torch.Tensor
     fraction: float           # this rank's share of the global batch's rows (1.0 on one process)
+    hidden: tuple[torch.Tensor, ...] | None = None   # token streams: the recurrent state entering the batch
+    carry: Carry | None = None                       # token streams: where the state leaving it goes
 
 
-def shard_batch(inputs: torch.Tensor, targets: torch.Tensor, context: distributed.Context) -> Batch:
-    """This rank's contiguous rows of a global batch (all of them on one process)."""
+def shard_batch(split: Split, context: distributed.Context) -> Batch:
+    """This rank's part of a whole split: contiguous rows, or for token streams contiguous streams
+    (each then starting from an empty recurrent state)."""
+    if split.sequential:
+        streams = _my_range(split.inputs.shape[1], context)
+        fraction = (streams.stop - streams.start) / split.inputs.shape[1]
+        return Batch(split.inputs[:, streams], split.targets[:, streams], fraction, None, Carry())
     if not context.active:
-        return Batch(inputs, targets, 1.0)
-    rows = distributed.shard(torch.arange(len(inputs)), context)
-    start, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-    return Batch(inputs[start:stop], targets[start:stop], (stop - start) / len(inputs))
+        return Batch(split.inputs, split.targets, 1.0)
+    rows = _my_range(len(split), context)
+    return Batch(split.inputs[rows], split.targets[rows], (rows.stop - rows.start) / len(split))
+
+
+def _my_range(count: int, context: distributed.Context) -> slice:
+    """This rank's contiguous share of `count` items (sizes differ by at most 1)."""
+    mine = distributed.shard(torch.arange(count), context)
+    return slice(int(mine[0]), int(mine[-1]) + 1) if len(mine) else slice(0, 0)
 
 
 class BatchStream:
@@ -193,7 +277,7 @@ class BatchStream:
         self.batch_size = len(split) if self.full_batch else batch_size
         self.generator = generator
         self.context = context
-        self._whole = shard_batch(split.inputs, split.targets, context)
+        self._whole = shard_batch(split, context)
         self._order = torch.empty(0, dtype=torch.long)
         self._position = 0
 
@@ -217,3 +301,42 @@ class BatchStream:
         self._position += self.batch_size
         mine = distributed.shard(rows, self.context)
         return Batch(self.split.inputs[mine], self.split.targets[mine], len(mine) / len(rows))
+
+
+class SequenceStream:
+    """Consecutive chunks of `length` time steps of a token-stream Split (truncated BPTT), this
+    rank's share of the streams in each. The recurrent state is carried from chunk to chunk (the
+    model leaves it in `carry`, detached) and cleared when the split starts over."""
+
+    def __init__(self, split: Split, length: int, context: distributed.Context = distributed.SINGLE):
+        self.split, self.length = split, length
+        self._whole = shard_batch(split, context)
+        self.carry = Carry()
+        self._position = 0
+
+    def __iter__(self) -> SequenceStream:
+        return self
+
+    def state_dict(self) -> dict:
+        return {"position": self._position, "hidden": self.carry.hidden}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position, self.carry.hidden = state["position"], state["hidden"]
+        if self.carry.hidden is not None:
+            self.carry.hidden = tuple(h.to(self.split.inputs.device) for h in self.carry.hidden)
+
+    def __next__(self) -> Batch:
+        if self._position >= len(self.split):
+            self._position, self.carry.hidden = 0, None
+        rows = slice(self._position, self._position + self.length)
+        self._position += self.length
+        whole = self._whole
+        return Batch(whole.inputs[rows], whole.targets[rows], whole.fraction, self.carry.hidden, self.carry)
+
+
+def stream(split: Split, batch_size: int | None, generator: torch.Generator,
+           context: distributed.Context = distributed.SINGLE) -> BatchStream | SequenceStream:
+    """The minibatch stream suited to `split`: shuffled rows, or consecutive chunks of token streams."""
+    if split.sequential:
+        return SequenceStream(split, batch_size, context)
+    return BatchStream(split, batch_size, generator, context)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm import tqdm
 
 import algorithms
@@ -30,7 +31,7 @@ import util
 from algorithms import distributed, meta
 from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
-from algorithms.weight_update import RULES
+from algorithms.weight_update import RULES, clip_gradient_norm
 from config import Config, ConfigError
 
 EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
@@ -62,9 +63,12 @@ def prepare(cfg: Config) -> Setup:
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     splits = datasets.make_splits(cfg.dataset, dtype, device)
-    if (splits.task == "classification") != (cfg.loss == "cross_entropy"):
+    if (splits.task == "regression") == (cfg.loss == "cross_entropy"):
         raise ConfigError(f"loss = {cfg.loss!r} does not suit the {splits.task} dataset '{cfg.dataset.name}'")
-    model = models.build(cfg.model, splits.num_inputs, splits.num_outputs).to(device=device, dtype=dtype)
+    if splits.task == "language_model" and cfg.batch_size is None:
+        raise ConfigError(f"batch_size: the language-model dataset '{cfg.dataset.name}' needs a batch_size (the "
+                          f"truncated-BPTT length, e.g. 70)")
+    model = models.build(cfg.model, splits.input_shape, splits.num_outputs).to(device=device, dtype=dtype)
     return Setup(cfg, device, splits, model, models.build_loss(cfg.loss))
 
 
@@ -79,6 +83,7 @@ class Learner:
     def __init__(self, setup: Setup, log: util.RunLog | None = None,
                  context: distributed.Context = distributed.SINGLE):
         cfg = self.cfg = setup.cfg
+        self.device = setup.device
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
         self.context = context
@@ -89,6 +94,9 @@ class Learner:
         self.validation_batches = None
         if self.splits.validation is not None and not cfg.dataset.full_validation:
             self.validation_batches = self._stream(self.splits.validation, 2)
+        self.test_batches = None
+        if cfg.dataset.test_batch_size is not None:
+            self.test_batches = self._stream(self.splits.test, 4, cfg.dataset.test_batch_size)
         hyper_split = self.splits.train if cfg.tuning.validation_data == "training" else self.splits.validation
         self.hyper_batches = self._stream(hyper_split, 3) if hyper_split is not None else None
         self.params = list(self.model.parameters())
@@ -100,27 +108,30 @@ class Learner:
         self.algorithm = algorithms.build(cfg, self)
         self.steps_done = 0
         self.windows_done = 0
-        self.resumed_at: int | None = None     # the step a resumed run's predecessor already logged
+        self.logged_at: int | None = None      # a step whose measurement finish() has logged
+        self.after_window: Callable[[Learner], None] | None = None   # e.g. a periodic checkpoint
         self.status = "running"
         self._window_hyperparameters: dict[str, float] = {}
 
-    def _streams(self) -> dict[str, datasets.BatchStream]:
-        named = {"train": self.train_batches, "validation": self.validation_batches, "hyper": self.hyper_batches}
+    def _streams(self) -> dict[str, datasets.BatchStream | datasets.SequenceStream]:
+        named = {"train": self.train_batches, "validation": self.validation_batches, "hyper": self.hyper_batches,
+                 "test": self.test_batches}
         return {name: stream for name, stream in named.items() if stream is not None}
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue bit for bit (between windows)."""
+        """Everything a resumed run needs to continue bit for bit (between windows). Collective
+        under DDP (recurrent states are gathered from every rank): call it on all ranks."""
         return {
-            "steps_done": self.steps_done, "windows_done": self.windows_done,
+            "steps_done": self.steps_done, "windows_done": self.windows_done, "logged_at": self.logged_at,
             "model": self.model.state_dict(), "rule_state": self.rule_state,
             "hyperparameters": self.hyperparameters.state_dict(), "algorithm": self.algorithm.state_dict(),
             "streams": {name: stream.state_dict() for name, stream in self._streams().items()},
             "torch_rng": torch.get_rng_state(), "window_hyperparameters": self._window_hyperparameters,
-        }
+        } | ({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done, self.windows_done = state["steps_done"], state["windows_done"]
-        self.resumed_at = self.steps_done
+        self.logged_at = state["logged_at"]
         self.model.load_state_dict(state["model"])
         self.rule_state = state["rule_state"]
         self.hyperparameters.load_state_dict(state["hyperparameters"])
@@ -128,13 +139,38 @@ class Learner:
         for name, stream in self._streams().items():
             stream.load_state_dict(state["streams"][name])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self._window_hyperparameters = state["window_hyperparameters"]
 
-    def _stream(self, split: datasets.Split, offset: int) -> datasets.BatchStream:
+    def _stream(self, split: datasets.Split, offset: int,
+                batch_size: int | None = None) -> datasets.BatchStream | datasets.SequenceStream:
         generator = torch.Generator().manual_seed(self.cfg.seed + offset)
-        return datasets.BatchStream(split, self.cfg.batch_size, generator, self.context)
+        return datasets.stream(split, batch_size or self.cfg.batch_size, generator, self.context)
 
     # -- weight steps -----------------------------------------------------------------------------
+
+    @staticmethod
+    def forward(model: nn.Module, batch: datasets.Batch, weights: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`model`'s outputs on a batch (with `weights` in place of its parameters, if given). A
+        recurrent model starts from the state the batch's stream carries and leaves its new
+        state there, detached: truncated backpropagation through time."""
+        inputs = (batch.inputs,) if batch.carry is None else (batch.inputs, batch.hidden)
+        outputs = model(*inputs) if weights is None else functional_call(model, weights, inputs)
+        if batch.carry is not None:
+            outputs, hidden = outputs
+            batch.carry.hidden = tuple(h.detach() for h in hidden)
+        return outputs
+
+    def global_gradient(self, grads: list[torch.Tensor], differentiable: bool = False) -> list[torch.Tensor]:
+        """The weight gradient of the global batch from this rank's part, norm-clipped when
+        configured; `differentiable` keeps it on the autograd graph (tracked steps)."""
+        if differentiable:
+            grads = distributed.all_reduce_differentiable(grads, self.context)
+        else:
+            grads = distributed.all_reduce_(grads, self.context)
+        return clip_gradient_norm(grads, self.cfg.optimiser.gradient_clip)
 
     def local_loss(self, outputs: torch.Tensor, batch: datasets.Batch) -> torch.Tensor:
         """This rank's part of the global batch's mean loss: the sum over ranks is the global loss."""
@@ -144,9 +180,9 @@ class Learner:
 
     def _fast_step(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """An untracked step: gradient, summed over ranks, then the rule's in-place update."""
-        outputs = self.model(batch.inputs)
+        outputs = self.forward(self.model, batch)
         loss = self.local_loss(outputs, batch)
-        grads = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
+        grads = self.global_gradient(list(torch.autograd.grad(loss, self.params)))
         self.rule.update_(self.params, grads, self.rule_state, self.fast_hyperparameters)
         return outputs, loss
 
@@ -178,32 +214,39 @@ class Learner:
         model = model or self.model
         model.eval()
         totals: dict[str, torch.Tensor] = {}
-        for start in range(0, max(len(batch.inputs), 1), EVALUATION_BATCH):
-            chunk = slice(start, start + EVALUATION_BATCH)
-            outputs = model(batch.inputs[chunk])
-            rows = len(outputs)
+        # Token streams go in chunks of the BPTT length, carrying the recurrent state through.
+        chunk_rows = EVALUATION_BATCH if batch.carry is None else self.cfg.batch_size
+        for start in range(0, max(len(batch.inputs), 1), chunk_rows):
+            chunk = slice(start, start + chunk_rows)
+            rows = len(batch.inputs[chunk])
             part = datasets.Batch(batch.inputs[chunk], batch.targets[chunk],
-                                  batch.fraction * rows / len(batch.inputs) if rows else 0.0)
+                                  batch.fraction * rows / len(batch.inputs) if rows else 0.0,
+                                  None if batch.carry is None else batch.carry.hidden, batch.carry)
+            outputs = self.forward(model, part)
             for name, value in self.batch_metrics(outputs, part, self.local_loss(outputs, part)).items():
                 totals[name] = totals[name] + value if name in totals else value
         return totals
 
     def whole(self, split: datasets.Split) -> datasets.Batch:
-        """This rank's shard of a whole split (computed once per split)."""
+        """This rank's shard of a whole split (computed once per split; token streams start from
+        an empty recurrent state each time)."""
         if id(split) not in self._whole_shards:
-            self._whole_shards[id(split)] = datasets.shard_batch(split.inputs, split.targets, self.context)
-        return self._whole_shards[id(split)]
+            self._whole_shards[id(split)] = datasets.shard_batch(split, self.context)
+        batch = self._whole_shards[id(split)]
+        return batch if batch.carry is None else batch._replace(carry=datasets.Carry())
 
     def measure_held_out(self, model: nn.Module | None = None,
                          whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-        """Validation (the next batch, or the whole split) and test (the whole split) metrics."""
+        """Validation and test metrics: of their next batch, or of the whole split when `whole` or
+        configured so."""
         measured = {}
         validation = self.splits.validation
         if validation is not None:
             use_batch = self.validation_batches is not None and not whole
             batch = next(self.validation_batches) if use_batch else self.whole(validation)
             measured["Validation"] = self.evaluate(batch, model=model)
-        measured["Test"] = self.evaluate(self.whole(self.splits.test), model=model)
+        test = next(self.test_batches) if self.test_batches is not None and not whole else self.whole(self.splits.test)
+        measured["Test"] = self.evaluate(test, model=model)
         return measured
 
     def to_scalars(self, measured: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -216,7 +259,10 @@ class Learner:
                          for split, metrics in measured.items()})
         names = list(tags)
         (values,) = distributed.all_reduce_([torch.stack([tags[name] for name in names])], self.context)
-        return dict(zip(names, values.tolist(), strict=True))
+        scalars = dict(zip(names, values.tolist(), strict=True))
+        if self.splits.task == "language_model":   # of the global mean loss, so after the reduction
+            scalars |= {f"Perplexity/{split}": math.exp(min(scalars[f"Loss/{split}"], 700.0)) for split in measured}
+        return scalars
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -250,6 +296,8 @@ class Learner:
                 self.algorithm.hyper_step(self, stepper)
             self.hyperparameters.end_window()
             self.windows_done += 1
+            if self.after_window is not None:
+                self.after_window(self)
             progress.update(T)
             progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
         progress.close()
@@ -262,7 +310,7 @@ class Learner:
         # Held-out sets are measured at this step's weights, before its update.
         held_out = self.measure_held_out(stepper.model) if due or closes_previous else None
         step_result = self.weight_step(stepper)
-        if held_out is not None and step != self.resumed_at:
+        if held_out is not None and step != self.logged_at:
             scalars = self.to_scalars({"Training": self.batch_metrics(*step_result)} | held_out)
             if due:
                 self._log(step, scalars | self._window_hyperparameters)
@@ -279,6 +327,7 @@ class Learner:
         scalars = self.to_scalars({"Training": final} | self.measure_held_out(whole=True))
         self._log(self.steps_done, scalars | self.hyperparameters.log_values())
         self._log_last((self.steps_done - 1) // self.cfg.network_weight_steps, scalars | self._window_hyperparameters)
+        self.logged_at = self.steps_done
         return {
             "status": self.status,
             "weight_steps": self.steps_done,
@@ -318,7 +367,7 @@ def summary(run_dir: Path, cfg: Config, metrics: dict) -> str:
             f"weight steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']}{processes})",
             f"  {'':<22}{'training':>12}{'validation':>12}{'test':>12}"]
     for metric, label in [("Loss", "loss"), ("Unnormalised_Loss", "loss in target units"),
-                          ("Accuracy", "accuracy")]:
+                          ("Accuracy", "accuracy"), ("Perplexity", "perplexity")]:
         tags = [f"{metric}/{split}" for split in ("Training", "Validation", "Test")]
         if any(tag in final for tag in tags):
             rows.append(f"  {label:<22}" + "".join(_cell(final, tag) for tag in tags))

@@ -149,23 +149,30 @@ def all_reduce_differentiable(tensors: list[torch.Tensor], context: Context) -> 
     return list(_AllReduceSum.apply(context, *tensors))
 
 
-class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the global batch (all ranks' shards),
-    through a differentiable all-reduce of [sum, sum of squares, count]: the data-parallel
-    equivalent of one process's BatchNorm1d, to second order, on any device."""
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) whose training statistics are those of the global batch (all ranks'
+    shards), through a differentiable all-reduce of [sum, sum of squares, count] per channel: the
+    data-parallel equivalent of one process's BatchNorm, to second order, on any device."""
 
-    def __init__(self, source: torch.nn.BatchNorm1d, context: Context):
+    def __init__(self, source: torch.nn.modules.batchnorm._BatchNorm, context: Context):
         super().__init__(source.num_features, source.eps, source.momentum, source.affine,
                          source.track_running_stats, device=source.weight.device, dtype=source.weight.dtype)
         self.load_state_dict(source.state_dict())
         self.context = context
 
+    def _check_input_dim(self, inputs: torch.Tensor) -> None:
+        if inputs.dim() < 2:
+            raise ValueError(f"expected at least 2-d input (batch, channels, ...), got {inputs.dim()}-d")
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(inputs)
-        count = torch.full((1,), float(len(inputs)), dtype=inputs.dtype, device=inputs.device)
+        dims = [0, *range(2, inputs.dim())]            # all but the channel dimension
+        shape = (1, -1) + (1,) * (inputs.dim() - 2)
+        per_channel = inputs.numel() // max(inputs.shape[1], 1)
+        count = torch.full((1,), float(per_channel), dtype=inputs.dtype, device=inputs.device)
         total, squares, count = all_reduce_differentiable(
-            [inputs.sum(dim=0), (inputs * inputs).sum(dim=0), count], self.context)
+            [inputs.sum(dim=dims), (inputs * inputs).sum(dim=dims), count], self.context)
         mean = total / count
         variance = squares / count - mean * mean
         if self.track_running_stats:
@@ -174,16 +181,16 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
                 unbiased = variance * count / (count - 1)
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(unbiased, self.momentum)
-        normalised = (inputs - mean) / torch.sqrt(variance + self.eps)
-        return normalised * self.weight + self.bias if self.affine else normalised
+        normalised = (inputs - mean.view(shape)) / torch.sqrt(variance.view(shape) + self.eps)
+        return normalised * self.weight.view(shape) + self.bias.view(shape) if self.affine else normalised
 
 
 def synchronise_batch_norm(model: torch.nn.Module, context: Context) -> torch.nn.Module:
-    """Replace every BatchNorm1d of `model` by a GlobalBatchNorm1d (on several processes)."""
+    """Replace every BatchNorm of `model` by a GlobalBatchNorm (on several processes)."""
     if context.active:
         for name, child in model.named_children():
-            if isinstance(child, torch.nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
-                setattr(model, name, GlobalBatchNorm1d(child, context))
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+                setattr(model, name, GlobalBatchNorm(child, context))
             else:
                 synchronise_batch_norm(child, context)
     return model
@@ -191,7 +198,7 @@ def synchronise_batch_norm(model: torch.nn.Module, context: Context) -> torch.nn
 
 def couples_ranks(model: torch.nn.Module) -> bool:
     """Whether the model's forward pass itself communicates (so products need exact adjoints)."""
-    return any(isinstance(m, GlobalBatchNorm1d) for m in model.modules())
+    return any(isinstance(m, GlobalBatchNorm) for m in model.modules())
 
 
 class _ScaleGradient(torch.autograd.Function):

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
-from torch.func import functional_call
 
 from algorithms import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
+from algorithms.weight_update import clip_gradient_norm
 
 if TYPE_CHECKING:
     from config import Config
@@ -48,7 +48,7 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
 
         def tracked_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             before = [p.detach().clone().requires_grad_() for p in learner.params]
-            outputs = functional_call(learner.model, dict(zip(self.names, before, strict=True)), (batch.inputs,))
+            outputs = learner.forward(learner.model, batch, dict(zip(self.names, before, strict=True)))
             loss = learner.local_loss(outputs, batch)
             grads = list(torch.autograd.grad(loss, before, create_graph=self.rollback_distance > 1))
             if self.exact_products:
@@ -56,6 +56,7 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
             else:
                 weights = distributed.share_direct_path(before, context)
                 gradient = distributed.sum_gradients(grads, context)
+            gradient = clip_gradient_norm(gradient, learner.cfg.optimiser.gradient_clip)
             after, state = learner.rule.update(weights, gradient, learner.rule_state, self.hyperparameters.natural())
             with torch.no_grad():
                 torch._foreach_copy_(learner.params, after)
@@ -72,8 +73,8 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
         before, after = self._last_step
         context = learner.context
         batch = next(learner.hyper_batches)
-        learner.model.eval()
-        validation_loss = learner.local_loss(learner.model(batch.inputs), batch)   # at the weights `after` holds
+        learner.model.eval()     # the model's parameters hold the weights `after`
+        validation_loss = learner.local_loss(learner.forward(learner.model, batch), batch)
         term = distributed.all_reduce_(list(torch.autograd.grad(validation_loss, learner.params)), context)
         total = list(term)
         copies = context.world_size if self.exact_products else 1

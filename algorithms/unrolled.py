@@ -74,12 +74,12 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
             torch_sgd.state[p]["momentum_buffer"] = buffer
         override = {name: [natural[name]] for name in ("lr", "weight_decay", "momentum")}
         def global_gradient(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-            return distributed.all_reduce_differentiable(list(grads), learner.context)
+            return learner.global_gradient(list(grads), differentiable=True)
 
         with higher.innerloop_ctx(learner.model, torch_sgd, copy_initial_weights=False,
                                   override=override) as (fast_model, differentiable_sgd):
             def unrolled_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-                outputs = fast_model(batch.inputs)
+                outputs = learner.forward(fast_model, batch)
                 loss = learner.local_loss(outputs, batch)
                 differentiable_sgd.step(loss, grad_callback=global_gradient)
                 return outputs, loss
@@ -99,7 +99,7 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
     def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
         batch = next(learner.hyper_batches)
         self._fast_model.eval()
-        validation_loss = learner.local_loss(self._fast_model(batch.inputs), batch)
+        validation_loss = learner.local_loss(learner.forward(self._fast_model, batch), batch)
         leaves = self.hyperparameters.leaves()
         grads = torch.autograd.grad(validation_loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]

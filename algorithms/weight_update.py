@@ -17,6 +17,17 @@ Tensors = list[torch.Tensor]
 Hyper = float | torch.Tensor | Tensors      # scalar, or one tensor per parameter
 
 
+def clip_gradient_norm(grads: Tensors, max_norm: float | None) -> Tensors:
+    """`grads` scaled by min(1, max_norm / (norm + 1e-6)), the norm taken over all of them together,
+    as torch.nn.utils.clip_grad_norm_ does, but out of place and differentiable (the scale is part
+    of the update that hypergradients differentiate). `max_norm=None` returns them unchanged."""
+    if max_norm is None:
+        return grads
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return [g * scale for g in grads]
+
+
 def _per_param(value: Hyper, count: int) -> list:
     return value if isinstance(value, list) else [value] * count
 

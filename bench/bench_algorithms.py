@@ -52,9 +52,9 @@ def fashion_mnist_sized_setup(algorithm: str, log_root: str) -> train.Setup:
         return datasets.Split(torch.randn(rows, 784, generator=generator),
                               torch.randint(0, 10, (rows,), generator=generator))
     splits = datasets.Splits(train=split(10000), validation=split(2000), test=split(2000), task="classification",
-                             num_inputs=784, num_outputs=10, target_std=None)
+                             input_shape=(784,), num_outputs=10)
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, 784, 10)
+    model = models.build(cfg.model, (784,), 10)
     return train.Setup(cfg, torch.device("cpu"), splits, model, models.build_loss(cfg.loss))
 
 

@@ -55,7 +55,7 @@ def time_floor(setup: train.Setup) -> float:
     cfg = setup.cfg
     inputs, targets = setup.splits.train.inputs, setup.splits.train.targets
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, setup.splits.num_inputs, setup.splits.num_outputs).to(dtype=inputs.dtype)
+    model = models.build(cfg.model, setup.splits.input_shape, setup.splits.num_outputs).to(dtype=inputs.dtype)
     opt = cfg.optimiser
     start = time.perf_counter()
     optimiser = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)

@@ -45,7 +45,7 @@ def test_processed_rows_are_the_raw_rows_in_the_shipped_order(name, data_dir, sh
     raw_name = datasets.UCI_SETS[name][0]
     raw = np.loadtxt(shared_data / "uci" / raw_name / "data.txt")
     order = np.loadtxt(shared_data / "uci" / raw_name / "permutation_indices.txt", dtype=np.int64)
-    inputs, targets = datasets.load_processed(name, data_dir)
+    inputs, targets, *_ = datasets.load_processed(name, data_dir)
     expected = raw[order][:, :-1] if name == "uci_naval" else raw[order]   # naval: first of two targets
     np.testing.assert_array_equal(inputs, expected[:, :-1])
     np.testing.assert_array_equal(targets[:, 0], expected[:, -1])
@@ -54,7 +54,7 @@ def test_processed_rows_are_the_raw_rows_in_the_shipped_order(name, data_dir, sh
 
 
 def test_splits_are_contiguous_train_first(data_dir):
-    inputs, targets = datasets.load_processed("uci_energy", data_dir)
+    inputs, targets, *_ = datasets.load_processed("uci_energy", data_dir)
     splits = splits_of("uci_energy", data_dir, 0.11272, normalise_inputs=False, normalise_outputs=False)
     np.testing.assert_array_equal(splits.train.inputs.numpy(), inputs[:614])
     np.testing.assert_array_equal(splits.validation.inputs.numpy(), inputs[614:692])
@@ -62,7 +62,7 @@ def test_splits_are_contiguous_train_first(data_dir):
 
 
 def test_normalisation_uses_train_plus_validation_statistics(data_dir):
-    raw_inputs, raw_targets = datasets.load_processed("uci_naval", data_dir)
+    raw_inputs, raw_targets, *_ = datasets.load_processed("uci_naval", data_dir)
     splits = splits_of("uci_naval", data_dir, 0.2, normalise_outputs=True)
     train_val = torch.cat([splits.train.inputs, splits.validation.inputs]).numpy()
     varying = raw_inputs[:10741].max(axis=0) > raw_inputs[:10741].min(axis=0)
