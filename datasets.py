@@ -309,8 +309,9 @@ class SequenceStream:
     model leaves it in `carry`, detached) and cleared when the split starts over."""
 
     def __init__(self, split: Split, length: int, context: distributed.Context = distributed.SINGLE):
-        self.split, self.length = split, length
+        self.split, self.length, self.context = split, length, context
         self._whole = shard_batch(split, context)
+        self._streams = _my_range(split.inputs.shape[1], context)
         self.carry = Carry()
         self._position = 0
 
@@ -318,12 +319,19 @@ class SequenceStream:
         return self
 
     def state_dict(self) -> dict:
-        return {"position": self._position, "hidden": self.carry.hidden}
+        """Position and the recurrent state of every stream, gathered from all ranks (collective)."""
+        hidden = self.carry.hidden
+        if hidden is not None and self.context.active:
+            full = [h.new_zeros(h.shape[0], self.split.inputs.shape[1], *h.shape[2:]) for h in hidden]
+            for whole, mine in zip(full, hidden, strict=True):
+                whole[:, self._streams] = mine
+            hidden = tuple(distributed.all_reduce_(full, self.context))
+        return {"position": self._position, "hidden": hidden}
 
     def load_state_dict(self, state: dict) -> None:
-        self._position, self.carry.hidden = state["position"], state["hidden"]
-        if self.carry.hidden is not None:
-            self.carry.hidden = tuple(h.to(self.split.inputs.device) for h in self.carry.hidden)
+        self._position, hidden = state["position"], state["hidden"]
+        device = self.split.inputs.device
+        self.carry.hidden = None if hidden is None else tuple(h[:, self._streams].to(device) for h in hidden)
 
     def __next__(self) -> Batch:
         if self._position >= len(self.split):

@@ -403,9 +403,11 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
     return checkpoint
 
 
-def save_checkpoint(path: str, learner: Learner, run_dir: Path) -> None:
-    state = learner.state_dict() | {"config": config.to_dict(learner.cfg), "run_dir": str(run_dir)}
-    util.atomic_torch_save(state, Path(path))
+def save_checkpoint(path: str, learner: Learner, run_dir: Path | None, context: distributed.Context) -> None:
+    """Write the learner's complete state to `path` (rank 0, atomically); call it on every rank."""
+    state = learner.state_dict()
+    if context.is_rank0:
+        util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": str(run_dir)}, Path(path))
 
 
 def open_run(cfg: Config, context: distributed.Context,
@@ -429,10 +431,12 @@ def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg:
 
 
 def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
-          context: distributed.Context = distributed.SINGLE) -> tuple[Path | None, dict]:
+          context: distributed.Context = distributed.SINGLE,
+          checkpoint_every: int | None = None) -> tuple[Path | None, dict]:
     """Run one configured job end to end (as one rank of `context`); returns the run directory
     (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging on in its
-    run directory; `save_state` writes one at the end. Only rank 0 writes anything."""
+    run directory; `save_state` writes one at the end, and every `checkpoint_every` hyperparameter
+    steps if given. Only rank 0 writes anything."""
     if cfg.task == "meta_dataset":
         return train_meta_dataset(cfg, context, save_state or load_state)
     setup = prepare(cfg)
@@ -442,14 +446,24 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
     run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else None)
+    if checkpoint is not None and learner.log is not None:
+        # TensorBoard drops what a killed predecessor logged after the checkpoint it resumes.
+        learner.log.restart_at(learner.steps_done + (learner.logged_at == learner.steps_done))
+    if save_state and checkpoint_every:
+        def periodic_checkpoint(learner: Learner) -> None:
+            if learner.windows_done % checkpoint_every == 0:
+                if learner.log is not None:
+                    learner.log.flush()      # the logs are at least as far along as the checkpoint
+                save_checkpoint(save_state, learner, run_dir, context)
+        learner.after_window = periodic_checkpoint
     try:
         metrics = learner.run()
     finally:
         if learner.log is not None:
             learner.log.close()
     metrics = close_run(run_dir, learner.log, metrics, cfg, context)
-    if context.is_rank0 and save_state:
-        save_checkpoint(save_state, learner, run_dir)
+    if save_state:
+        save_checkpoint(save_state, learner, run_dir, context)
     return run_dir, metrics
 
 
@@ -490,11 +504,11 @@ def check_launch(cfg: Config, world_size: int) -> None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
-               load_state: str | None) -> None:
+               load_state: str | None, checkpoint_every: int | None) -> None:
     """One spawned process of `--nproc N`."""
     context = distributed.join_local_group(rank, world_size, port)
     try:
-        run_dir, metrics = train(cfg, save_state, load_state, context)
+        run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
         if context.is_rank0:
             print(summary(run_dir, cfg, metrics), flush=True)
     except Exception as error:
@@ -505,12 +519,14 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
         distributed.shutdown()
 
 
-def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None) -> int:
+def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None,
+           checkpoint_every: int | None = None) -> int:
     """Run `world_size` local processes; the first to fail stops the others and is reported."""
     try:
         with distributed.local_rendezvous() as port:
-            torch.multiprocessing.spawn(_rank_main, args=(world_size, port, cfg, save_state, load_state),
-                                        nprocs=world_size, join=True)
+            torch.multiprocessing.spawn(
+                _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every),
+                nprocs=world_size, join=True)
     except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
         print(f"train.py: error: the job stopped when the process of rank {error.error_index} failed; the first "
               f"'error on rank' line above is the cause", file=sys.stderr)
@@ -523,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = config.parse_command_line(argv)
         context = distributed.from_environment()        # set by torchrun; one process otherwise
         check_launch(cfg, max(args.nproc, context.world_size))
+        if args.checkpoint_every and not args.save_state:
+            raise ConfigError("--checkpoint_every: name the checkpoint file with -S FILE")
         if args.nproc > 1 and context.active:
             raise ConfigError("--nproc: already running under torchrun; let torchrun start the processes")
         distributed.init(context)
@@ -530,9 +548,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = replace(cfg, seed=distributed.broadcast_from_rank0(secrets.randbelow(2**31), context))
         if args.nproc > 1:
             preflight(cfg, args.save_state, args.load_state)
-            return launch(cfg, args.nproc, args.save_state, args.load_state)
+            return launch(cfg, args.nproc, args.save_state, args.load_state, args.checkpoint_every)
         try:
-            run_dir, metrics = train(cfg, args.save_state, args.load_state, context)
+            run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every)
         finally:
             distributed.shutdown()
     except ConfigError as error:

@@ -20,7 +20,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import torch
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
 
@@ -119,8 +119,16 @@ class RunLog:
         self._file.write(header + struct.pack("<I", _masked_crc32c(header))
                          + data + struct.pack("<I", _masked_crc32c(data)))
         if time.monotonic() - self._last_flush > self._flush_seconds:
-            self._file.flush()
-            self._last_flush = time.monotonic()
+            self.flush()
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._last_flush = time.monotonic()
+
+    def restart_at(self, step: int) -> None:
+        """Mark a resumption: TensorBoard discards earlier files' events from `step` on (what a
+        killed run logged after its last checkpoint)."""
+        self._write(Event(wall_time=time.time(), step=step, session_log=SessionLog(status=SessionLog.START)))
 
     def close(self) -> None:
         self._file.close()
@@ -168,7 +176,9 @@ def get_tags(directory: str | os.PathLike, *tags: str) -> dict[str, Run]:
         for tag in wanted:
             if tag not in accumulator.Tags()[SCALARS]:
                 continue
-            events = sorted(accumulator.Scalars(tag), key=lambda event: event.step)
+            # A step logged twice (by a killed run and again by its resumption) keeps the later value.
+            latest = {e.step: e for e in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time)}
+            events = [latest[step] for step in sorted(latest)]
             scalars[tag] = Scalar(np.array([e.step for e in events], dtype=np.int64),
                                   np.array([e.value for e in events], dtype=np.float64),
                                   np.array([e.wall_time for e in events], dtype=np.float64))

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,10 +83,12 @@ def test_neumann_equals_closed_form_ridge_hypergradient_at_the_optimum():
     assert relative_error(got, expected) < 1e-6
 
 
+@pytest.mark.parametrize("clipped", [False, True], ids=["", "clipped"])
 @pytest.mark.parametrize("algorithm", ["Ours_LR_Momentum", "Ours_HDLR_Momentum"])
-def test_neumann_equals_exact_implicit_hypergradient_through_u(algorithm):
+def test_neumann_equals_exact_implicit_hypergradient_through_u(algorithm, clipped):
     """At arbitrary weights and momentum buffer, the long Neumann series equals
-    -dL_V/dw (du/dw)^{-1} du/dlambda built from explicit Jacobians of u written here."""
+    -dL_V/dw (du/dw)^{-1} du/dlambda built from explicit Jacobians of u written here (with the
+    gradient-norm clipping inside u, when it is active)."""
     learner = linear_learner(algorithm)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -96,16 +99,23 @@ def test_neumann_equals_exact_implicit_hypergradient_through_u(algorithm):
     theta = flat(learner.params).clone()
     raw = [leaf.detach().clone() for leaf in learner.hyperparameters.leaves()]
     high_dimensional = "lr" in learner.hyperparameters.high_dimensional
+    inputs, targets = design(learner, "train")
+
+    def gradient_at(theta: torch.Tensor) -> torch.Tensor:
+        return 2 * inputs.T @ (inputs @ theta[:, None] - targets)[:, 0] / len(inputs)
+
+    max_norm = 0.5 * float(gradient_at(theta).norm()) if clipped else None    # active at theta
+    learner.cfg = replace(learner.cfg, optimiser=replace(learner.cfg.optimiser, gradient_clip=max_norm))
 
     got = flat(tracked_hypergradient(learner))
 
-    inputs, targets = design(learner, "train")
-
     def update(theta: torch.Tensor, raw_values: list[torch.Tensor]) -> torch.Tensor:
-        """u = lr * (momentum * b + grad L_T(theta) + wd * theta) for the linear model."""
+        """u = lr * (momentum * b + clip(grad L_T(theta)) + wd * theta) for the linear model."""
         lr = 10 ** torch.cat([r.reshape(-1) for r in raw_values[:2]]) if high_dimensional else 10 ** raw_values[0]
         wd, momentum = (10 ** raw_values[-2], torch.sigmoid(raw_values[-1]))
-        gradient = 2 * inputs.T @ (inputs @ theta[:, None] - targets)[:, 0] / len(inputs)
+        gradient = gradient_at(theta)
+        if max_norm is not None:
+            gradient = gradient * max_norm / (gradient.norm() + 1e-6)
         return lr * (momentum * flat(buffer_before) + gradient + wd * theta)
 
     du_dtheta = torch.autograd.functional.jacobian(lambda t: update(t, raw), theta)
@@ -158,9 +168,9 @@ def validation_loss_after_fast_steps(learner, weights, state, steps) -> float:
     return float(learner.evaluate(learner.whole(validation))["Loss"])
 
 
-def unrolled_hypergradient() -> tuple[train.Learner, list[torch.Tensor], dict, list[torch.Tensor]]:
+def unrolled_hypergradient(*overrides: str) -> tuple[train.Learner, list[torch.Tensor], dict, list[torch.Tensor]]:
     """Diff-through-Opt's hypergradient through 5 steps, with the weights and state they started from."""
-    learner = learner_for("DiffThroughOpt", *UNROLLED)
+    learner = learner_for("DiffThroughOpt", *UNROLLED, *overrides)
     weights, state = warmed_up(learner)
     with learner.algorithm.tracking(learner) as stepper:
         for _ in range(5):
@@ -168,8 +178,9 @@ def unrolled_hypergradient() -> tuple[train.Learner, list[torch.Tensor], dict, l
         return learner, weights, state, learner.algorithm.hypergradient(learner, stepper)
 
 
-def test_unrolled_hypergradient_equals_central_finite_differences():
-    learner, weights, state, got = unrolled_hypergradient()
+@pytest.mark.parametrize("overrides", [(), ("optimiser.gradient_clip=0.01",)], ids=["", "clipped"])
+def test_unrolled_hypergradient_equals_central_finite_differences(overrides):
+    learner, weights, state, got = unrolled_hypergradient(*overrides)
 
     eps, differences = 1e-5, []
     for leaf in learner.hyperparameters.leaves():
