@@ -1,10 +1,16 @@
 """-S / -s: a run saved and resumed continues exactly as an uninterrupted one."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
+import download_and_process_data
 import train
 import util
 from tests.conftest import REPO
@@ -59,3 +65,68 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert train.main(command("Ours_LR", tmp_path / "a", "-s", str(tmp_path / "nope.pt"))) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_run_killed_mid_way_resumes_from_its_periodic_checkpoint(tmp_path):
+    """SIGKILL after a periodic checkpoint, resume with -s: the same final state and logs as a run
+    that was never interrupted (what the killed run logged past its checkpoint is superseded)."""
+    periodic, final, whole = tmp_path / "periodic.pt", tmp_path / "final.pt", tmp_path / "whole.pt"
+    steps = ("--hyperparameter_steps", "300")
+    killed_command = command("Ours_LR_Momentum", tmp_path / "killed", *steps, "-S", str(periodic),
+                             "--checkpoint_every", "7")
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *killed_command], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not periodic.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL, process.stderr.read().decode()
+    interrupted_at = torch.load(periodic, weights_only=True)["windows_done"]
+    assert 0 < interrupted_at < 300 and interrupted_at % 7 == 0
+
+    assert train.main(command("Ours_LR_Momentum", tmp_path / "elsewhere", *steps, "-s", str(periodic),
+                              "-S", str(final))) == 0
+    assert train.main(command("Ours_LR_Momentum", tmp_path / "whole", *steps, "-S", str(whole))) == 0
+    got, expected = (torch.load(path, weights_only=True) for path in (final, whole))
+    for name, value in expected["model"].items():
+        assert torch.equal(got["model"][name], value), name
+    for a, b in zip(got["hyperparameters"]["raw"], expected["hyperparameters"]["raw"], strict=True):
+        assert torch.equal(a, b)
+
+    resumed = next(iter(util.get_tags(tmp_path / "killed").values()))
+    uninterrupted = next(iter(util.get_tags(tmp_path / "whole").values()))
+    assert resumed.metrics["status"] == "completed"
+    for tag in ("Last_Hyperparameter/Lr", "Loss/Training", "Last_Loss/Validation"):
+        np.testing.assert_array_equal(resumed.scalars[tag].steps, uninterrupted.scalars[tag].steps)
+        np.testing.assert_array_equal(resumed.scalars[tag].values, uninterrupted.scalars[tag].values)
+
+
+def test_checkpoint_every_needs_a_checkpoint_file(tmp_path, capsys):
+    assert train.main(command("Ours_LR", tmp_path / "a", "--checkpoint_every", "5")) == 2
+    assert "-S FILE" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_language_model_resumes_with_its_hidden_state_bit_for_bit(tmp_path, shared_data):
+    """Penn Treebank (its small offline variant): the truncated-BPTT state is part of the checkpoint."""
+    data = tmp_path / "data"
+    assert download_and_process_data.main(["penn_treebank_small", "--source", str(shared_data),
+                                           "--out", str(data)]) == 0
+
+    def lstm(log_root, *extra: str) -> list[str]:
+        return ["-c", str(REPO / "configs/penn_treebank_small.yaml"), str(REPO / "configs/Ours_LR_Momentum.yaml"),
+                "--seed", "3", "--network_weight_steps", "4", "--set", "model.embedding_size=8", "--set",
+                "model.hidden_size=8", "--set", f"dataset.data_dir={data}", "--set", "batch_size=35",
+                "--set", "dataset.test_batch_size=35", "-l", str(log_root), *extra]
+
+    whole, first, second = tmp_path / "whole.pt", tmp_path / "first.pt", tmp_path / "second.pt"
+    assert train.main(lstm(tmp_path / "a", "--hyperparameter_steps", "4", "-S", str(whole))) == 0
+    assert train.main(lstm(tmp_path / "b", "--hyperparameter_steps", "2", "-S", str(first))) == 0
+    saved = torch.load(first, weights_only=True)
+    assert all(h.shape == (2, 40, 8) for h in saved["streams"]["train"]["hidden"])
+    assert train.main(lstm(tmp_path / "b", "--hyperparameter_steps", "4", "-s", str(first), "-S", str(second))) == 0
+    expected, got = (torch.load(path, weights_only=True) for path in (whole, second))
+    for name, value in expected["model"].items():
+        assert torch.equal(got["model"][name], value), name
+    for a, b in zip(got["streams"]["train"]["hidden"], expected["streams"]["train"]["hidden"], strict=True):
+        assert torch.equal(a, b)
