@@ -151,7 +151,7 @@ def all_reduce_differentiable(tensors: list[torch.Tensor], context: Context) -> 
 
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm (1d or 2d) whose training statistics are those of the global batch (all ranks'
-    shards), through a differentiable all-reduce of [sum, sum of squares, count] per channel: the
+    shards), through differentiable all-reduces of the per-channel sums and squared deviations: the
     data-parallel equivalent of one process's BatchNorm, to second order, on any device."""
 
     def __init__(self, source: torch.nn.modules.batchnorm._BatchNorm, context: Context):
@@ -171,10 +171,12 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         shape = (1, -1) + (1,) * (inputs.dim() - 2)
         per_channel = inputs.numel() // max(inputs.shape[1], 1)
         count = torch.full((1,), float(per_channel), dtype=inputs.dtype, device=inputs.device)
-        total, squares, count = all_reduce_differentiable(
-            [inputs.sum(dim=dims), (inputs * inputs).sum(dim=dims), count], self.context)
+        # Two passes (mean, then squared deviations), as one process's BatchNorm computes them:
+        # E[x^2] - E[x]^2 would lose digits where the variance is small next to the mean.
+        total, count = all_reduce_differentiable([inputs.sum(dim=dims), count], self.context)
         mean = total / count
-        variance = squares / count - mean * mean
+        (squares,) = all_reduce_differentiable([((inputs - mean.view(shape)) ** 2).sum(dim=dims)], self.context)
+        variance = squares / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -28,6 +28,19 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Pat
     return out
 
 
+@pytest.fixture(scope="session")
+def workload_data(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """Fashion-MNIST and Penn Treebank's small variant from the raw files, and a 60-image CIFAR-10
+    copy in the real file format, processed by the download script."""
+    from tests.test_download import write_cifar_batches
+    out = tmp_path_factory.mktemp("workloads")
+    write_cifar_batches(out / "raw" / "cifar-10-batches-py", 10)
+    assert download_and_process_data.main(["fashion_mnist", "penn_treebank_small", "--source", str(shared_data),
+                                           "--out", str(out)]) == 0
+    assert download_and_process_data.main(["cifar10", "--source", str(out / "raw"), "--out", str(out)]) == 0
+    return out
+
+
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a repository script as a user would, in a real subprocess."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)

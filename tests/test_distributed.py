@@ -192,3 +192,31 @@ def test_bad_input_under_nproc_is_one_line_exit_2_before_any_rank_starts(case, t
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error: "), result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("workload,algorithm", [
+    ("penn_treebank_small", "Ours_LR_Momentum"), ("penn_treebank_small", "DiffThroughOpt"),
+    ("cifar10", "Ours_LR_Momentum")])
+def test_workloads_on_two_ranks_end_where_one_rank_ends(workload, algorithm, workload_data, tmp_path):
+    """The LSTM (streams split across ranks, clipped gradients, truncated BPTT) and ResNet-18
+    (BatchNorm2d over the global batch) under --nproc 2 equal one process."""
+    from tests.test_workloads import SMALL
+    settings = [item for override in SMALL[workload] for item in ("--set", override)]
+
+    def run(nproc: int) -> dict:
+        checkpoint = tmp_path / f"{nproc}.pt"
+        result = run_cli("train.py", "-c", f"configs/{workload}.yaml", f"configs/{algorithm}.yaml", *settings,
+                         "--nproc", str(nproc), "--seed", "5", "--set", "dtype=float64", "--set",
+                         f"dataset.data_dir={workload_data}", "--hyperparameter_steps", "3",
+                         "--network_weight_steps", "5", "-l", str(tmp_path / f"runs{nproc}"), "-S", str(checkpoint))
+        assert result.returncode == 0, result.stderr
+        return torch.load(checkpoint, weights_only=True)
+
+    one, many = run(1), run(2)
+    for name, value in one["model"].items():
+        assert_close(many["model"][name], value)
+    for got, expected in zip(many["hyperparameters"]["raw"], one["hyperparameters"]["raw"], strict=True):
+        assert_close(got, expected)
+    if workload.startswith("penn"):        # every stream's state, gathered from both ranks
+        for got, expected in zip(many["streams"]["train"]["hidden"], one["streams"]["train"]["hidden"], strict=True):
+            assert_close(got, expected)

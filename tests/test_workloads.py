@@ -12,30 +12,17 @@ import torch
 
 import config
 import datasets
-import download_and_process_data
 import models
 import train
 import util
 from tests.conftest import REPO
-from tests.test_download import write_cifar_batches
 from tests.test_train import ALGORITHM_CONFIGS
-
-
-@pytest.fixture(scope="session")
-def workload_data(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("workloads")
-    write_cifar_batches(out / "raw" / "cifar-10-batches-py", 10)
-    assert download_and_process_data.main(["fashion_mnist", "penn_treebank_small", "--source", str(shared_data),
-                                           "--out", str(out)]) == 0
-    assert download_and_process_data.main(["cifar10", "--source", str(out / "raw"), "--out", str(out)]) == 0
-    return out
-
 
 # Small versions of each workload, for a few steps: the real model where it is cheap enough.
 SMALL = {
     "fashion_mnist": ["batch_size=20"],
     "fashion_mnist_BatchNorm": ["batch_size=20"],
-    "cifar10": ["batch_size=4", "dataset.test_batch_size=6"],
+    "cifar10": ["batch_size=15", "dataset.test_batch_size=6"],       # 45 training images: 3 whole batches
     "penn_treebank_small": ["batch_size=6", "dataset.test_batch_size=6", "model.embedding_size=12",
                             "model.hidden_size=12"],
 }
