@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import config
+import datasets
 import train
 from config import ConfigError
 from tests.conftest import REPO, run_cli
@@ -65,7 +66,8 @@ BAD_INPUTS = {
     "batch size zero": (None, ["--batch_size", "0"], ["--batch_size: batch_size = 0", "[1, inf]"]),
     "malformed yaml": ("model:\n  layer_sizes: [8, 50\nloss: mse\n", [], ["bad.yaml:3", "malformed YAML"]),
     "unknown dataset": ("dataset:\n  name: mnist2\n", [], ["dataset.name", "'mnist2'", "uci_energy", "diabetes"]),
-    "unknown model": ("model:\n  name: transformer\n", [], ["model.name", "'transformer'", "valid: mlp"]),
+    "unknown model": ("model:\n  name: transformer\n", [], ["model.name", "'transformer'",
+                                                          "valid: lstm, mlp, resnet18"]),
     "unknown algorithm": ("algorithm: Ours\n", [], ["algorithm", "'Ours'", "Random_SteppedLR"]),
     "section not a mapping": ("model: mlp\n", [], ["'model' must be a mapping"]),
     "layer sizes do not fit the data": ("model:\n  layer_sizes: [8, 50, 1]\n", [],
@@ -144,13 +146,17 @@ ALGORITHM_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if 
 
 
 @pytest.mark.parametrize("dataset", DATASET_CONFIGS)
-def test_every_shipped_config_combination_validates_and_builds(dataset, data_dir):
+def test_every_shipped_config_combination_validates_and_builds(dataset, data_dir, request):
+    if not dataset.startswith(("uci_", "diabetes", "digits")):
+        data_dir = request.getfixturevalue("workload_data")
     for algorithm in ALGORITHM_CONFIGS:
         cfg = config.load_from([str(REPO / "configs" / dataset), str(REPO / "configs" / algorithm)],
                                overrides=[f"dataset.data_dir={data_dir}"])
         assert cfg.algorithm == algorithm.removesuffix(".yaml")
     setup = train.prepare(cfg)        # the data loads and the model fits it
-    assert setup.model(setup.splits.test.inputs[:2]).shape[0] == 2
+    test = setup.splits.test
+    batch = datasets.Batch(test.inputs[:2], test.targets[:2], 1.0, None, datasets.Carry() if test.sequential else None)
+    assert len(train.Learner.forward(setup.model, batch)) == test.targets[:2].numel()   # one output row per target
 
 
 def test_meta_dataset_config_validates():

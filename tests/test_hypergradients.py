@@ -104,7 +104,7 @@ def test_neumann_equals_exact_implicit_hypergradient_through_u(algorithm, clippe
     def gradient_at(theta: torch.Tensor) -> torch.Tensor:
         return 2 * inputs.T @ (inputs @ theta[:, None] - targets)[:, 0] / len(inputs)
 
-    max_norm = 0.5 * float(gradient_at(theta).norm()) if clipped else None    # active at theta
+    max_norm = 0.5 * float(gradient_at(theta).detach().norm()) if clipped else None    # active at theta
     learner.cfg = replace(learner.cfg, optimiser=replace(learner.cfg.optimiser, gradient_clip=max_norm))
 
     got = flat(tracked_hypergradient(learner))
