@@ -267,7 +267,11 @@ class Learner:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Train for H windows of T steps, logging as configured; returns the final metrics.
+        """Train for H windows of T steps, logging as configured; returns the final metrics."""
+        return self.finish(self.train_windows())
+
+    def train_windows(self) -> float:
+        """The windows still to do (all H of them, unless resumed); returns the seconds they took.
 
         The measurement at step (h+1)*T (the weights window h produced) is logged twice: as the
         per-step tags at that step, when due, and as the Last_* tags of hyperparameter step h,
@@ -301,7 +305,7 @@ class Learner:
             progress.update(T)
             progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
         progress.close()
-        return self.finish(time.perf_counter() - start)
+        return time.perf_counter() - start
 
     def _logged_step(self, h: int, s: int, stepper: Stepper) -> torch.Tensor:
         """Weight step h*T + s, measured and logged when due; returns its training loss."""
@@ -412,11 +416,14 @@ def save_checkpoint(path: str, learner: Learner, run_dir: Path | None, context: 
 
 def open_run(cfg: Config, context: distributed.Context,
              run_dir: Path | None = None) -> tuple[Path | None, util.RunLog | None]:
-    """Rank 0's run directory (a new one unless given) and its TensorBoard log; nothing elsewhere."""
+    """Rank 0's run directory (a new one unless given) and its TensorBoard log; nothing elsewhere.
+    A directory without a config.json (a new one, or one chosen by the caller) gets one."""
     if not context.is_rank0:
         return run_dir, None
     if run_dir is None:
         run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
+    if not (run_dir / "config.json").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
         util.write_json(run_dir / "config.json", config.to_dict(cfg))
     return run_dir, util.RunLog(run_dir)
 
@@ -432,20 +439,21 @@ def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg:
 
 def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
           context: distributed.Context = distributed.SINGLE,
-          checkpoint_every: int | None = None) -> tuple[Path | None, dict]:
+          checkpoint_every: int | None = None, run_dir: Path | None = None) -> tuple[Path | None, dict]:
     """Run one configured job end to end (as one rank of `context`); returns the run directory
     (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging on in its
     run directory; `save_state` writes one at the end, and every `checkpoint_every` hyperparameter
-    steps if given. Only rank 0 writes anything."""
+    steps if given. `run_dir` names the directory to log into (default: a new one under log_root).
+    Only rank 0 writes anything."""
     if cfg.task == "meta_dataset":
-        return train_meta_dataset(cfg, context, save_state or load_state)
+        return train_meta_dataset(cfg, context, save_state or load_state, run_dir)
     setup = prepare(cfg)
     cfg = setup.cfg
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
-    run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else None)
+    run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else run_dir)
     if checkpoint is not None and learner.log is not None:
         # TensorBoard drops what a killed predecessor logged after the checkpoint it resumes.
         learner.log.restart_at(learner.steps_done + (learner.logged_at == learner.steps_done))
@@ -482,13 +490,13 @@ def preflight(cfg: Config, save_state: str | None, load_state: str | None) -> No
             load_checkpoint(load_state, setup.cfg)
 
 
-def train_meta_dataset(cfg: Config, context: distributed.Context,
-                       checkpoint: str | None) -> tuple[Path | None, dict]:
+def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: str | None,
+                       run_dir: Path | None = None) -> tuple[Path | None, dict]:
     """The meta-learning task (algorithms/meta.py): learn a dataset that classifiers learn fast."""
     refuse_meta_checkpoint(cfg, checkpoint)
     if cfg.seed is None:
         cfg = replace(cfg, seed=secrets.randbelow(2**31))
-    run_dir, log = open_run(cfg, context)
+    run_dir, log = open_run(cfg, context, run_dir)
     try:
         metrics = meta.train_learned_dataset(cfg, context, log)
     finally:

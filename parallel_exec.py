@@ -1,0 +1,270 @@
+"""Many independent training runs: every algorithm from the same initialisations, resumable.
+
+    python parallel_exec.py -l runs/mine -d uci_energy -a Random Ours_LR_Momentum --count 5 --seed 0
+    python parallel_exec.py -l runs/mine -d uci_energy -a DiffThroughOpt --generator replay --source runs/mine
+
+A batch is a list of jobs (config files + overrides). The generator draws initialisations
+(hyperparameters and a seed); each one runs once per dataset and algorithm, so every algorithm
+starts from the same points. Each job logs into `<root>/<group>/<config hash>`, named by a stable
+hash of its complete config: re-running the same command skips the runs that finished (completed
+or diverged), re-runs unfinished and failed ones in place, and never duplicates one, even after
+the whole batch was killed. A run that raises is recorded in its directory (metrics.json with
+status "failed", error.txt) and the batch goes on. A file named STOP in the root, or Ctrl-C, stops
+the batch once the runs in progress have finished.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import config
+from config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+FINISHED = ("completed", "diverged")
+# Keys that say where a run logs, not what it computes: left out of its identity.
+LOCATION_KEYS = ("log_root", "run_group_name", "run_name")
+MULTIPLIER = "optimiser.lr_multiplier"      # a fixed lr schedule: only for the algorithm that has one
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: config files merged in order, then `key=value` overrides."""
+    files: tuple[str, ...]
+    overrides: tuple[str, ...]
+    group: str                  # its folder below the batch's root, e.g. "uci_energy/Random"
+
+    def config(self, root: Path) -> config.Config:
+        return config.load_from(list(self.files), overrides=[*self.overrides, f"log_root={root}"])
+
+    def run_dir(self, root: Path) -> Path:
+        return root / self.group / config_hash(config.to_dict(self.config(root)))
+
+
+def config_hash(values: dict) -> str:
+    """A stable 12-hex-digit name for a complete config (its log location aside)."""
+    identity = {key: value for key, value in values.items() if key not in LOCATION_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def status_of(run_dir: Path) -> str | None:
+    """completed / diverged / failed for a run that got that far, else None (never ran, or killed)."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# -------------------------------------------------------------------------------------------------
+# Initialisations: lists of {config key: value}, each run once per dataset and algorithm.
+
+def natural_sgd(count: int, seed: int) -> list[dict]:
+    """The paper's ranges: log10 lr ~ U[-6, -1], log10 weight decay ~ U[-7, -2], momentum ~ U[0, 1),
+    an lr multiplier ~ U[0.95, 1.01] (used by Random_SteppedLR only), and a model seed."""
+    rng = np.random.default_rng(seed)
+    return [{"optimiser.lr": 10 ** rng.uniform(-6, -1), "optimiser.weight_decay": 10 ** rng.uniform(-7, -2),
+             "optimiser.momentum": rng.uniform(0, 1), MULTIPLIER: rng.uniform(0.95, 1.01),
+             "seed": int(rng.integers(2**31))} for _ in range(count)]
+
+
+def replay(folder: Path, algorithm: str | None = None) -> list[dict]:
+    """The initialisations of the runs below `folder` (of one algorithm, if named), each once."""
+    keys = ("optimiser.lr", "optimiser.weight_decay", "optimiser.momentum", "seed")
+    points = {}
+    for config_file in sorted(Path(folder).rglob("config.json")):
+        values = json.loads(config_file.read_text())
+        if "algorithm" in values and (algorithm is None or values["algorithm"] == algorithm):
+            point = {key: _lookup(values, key) for key in keys}
+            points[json.dumps(point, sort_keys=True)] = point
+    if not points:
+        raise ConfigError(f"--source {folder}: no runs to replay there")
+    return list(points.values())
+
+
+def sensitivity(points: list[dict], total_steps: int = 4000, largest: int = 10) -> list[tuple[str, dict]]:
+    """Every (T, i) with 1 <= i <= T <= `largest`, for every point: T weight steps per
+    hyperparameter step, i Neumann terms, and about `total_steps` weight steps in all."""
+    return [(f"Update{steps}_Rollback{terms}",
+             point | {"network_weight_steps": steps, "hyperparameter_steps": total_steps // steps,
+                      "tuning.rollback_distance": terms})
+            for steps in range(1, largest + 1) for terms in range(1, steps + 1) for point in points]
+
+
+def iterations(count: int, seed: int) -> list[dict]:
+    """Numbered repetitions that differ only in their seed (the configs' own hyperparameters)."""
+    rng = np.random.default_rng(seed)
+    return [{"seed": int(rng.integers(2**31))} for _ in range(count)]
+
+
+def _lookup(values: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        values = values[part]
+    return values
+
+
+def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tuple[str, dict]],
+              extra: tuple[str, ...] = (), prefix: str = "") -> list[Job]:
+    """Every point for every dataset and algorithm; a point may carry its own subgroup name."""
+    jobs = []
+    for dataset in datasets:
+        for algorithm in algorithms:
+            files = (str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{algorithm}.yaml"))
+            for point in points:
+                subgroup, values = point if isinstance(point, tuple) else ("", point)
+                if algorithm != "Random_SteppedLR":
+                    values = {key: value for key, value in values.items() if key != MULTIPLIER}
+                group = "/".join(part for part in (prefix, dataset, algorithm, subgroup) if part)
+                overrides = tuple(f"{key}={value!r}" for key, value in values.items()) + tuple(extra)
+                jobs.append(Job(files, overrides, group))
+    return jobs
+
+
+# -------------------------------------------------------------------------------------------------
+# Running
+
+def run_job(job: Job, root: Path) -> tuple[str, str]:
+    """Run one job in this process; returns (status, run directory). Never raises for a failed run."""
+    import train
+    run_dir = job.run_dir(root)
+    if run_dir.exists():            # an unfinished or failed earlier attempt: start it afresh
+        shutil.rmtree(run_dir)
+    try:
+        _, metrics = train.train(job.config(root), run_dir=run_dir)
+        return metrics["status"], str(run_dir)
+    except Exception as error:      # recorded, and the batch goes on
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        if not (run_dir / "config.json").is_file():
+            (run_dir / "config.json").write_text(json.dumps({"files": job.files, "overrides": job.overrides}))
+        metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return "failed", str(run_dir)
+
+
+def _worker_init(threads: int) -> None:
+    """Workers leave Ctrl-C to the parent (which lets them finish) and share the cores."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+    torch.set_num_threads(threads)
+
+
+def pending(jobs: list[Job], root: Path) -> tuple[list[Job], int]:
+    """The jobs still to run, and how many are already finished. Refuses a batch with a bad config
+    (before anything runs) or with two jobs that are the same run."""
+    todo, done, seen = [], 0, {}
+    for job in jobs:
+        run_dir = job.run_dir(root)           # validates the job's config
+        if run_dir in seen:
+            raise ConfigError(f"two jobs are the same run ({job.group}: {' '.join(job.overrides)})")
+        seen[run_dir] = job
+        if status_of(run_dir) in FINISHED:
+            done += 1
+        else:
+            todo.append(job)
+    return todo, done
+
+
+def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_progress: bool = True) -> Counter:
+    """Run every unfinished job on a local pool of `workers` processes; returns the count of each
+    final status (skipped for runs finished before)."""
+    root = Path(root)
+    todo, done = pending(jobs, root)
+    counts = Counter(skipped=done)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress = tqdm(total=len(jobs), initial=done, unit="run", disable=not show_progress, dynamic_ncols=True)
+    queue: Iterator[Job] = iter(todo)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                initargs=(threads,)) as pool:
+        running: set[concurrent.futures.Future] = set()
+        stopping = False
+        try:
+            while True:
+                while not stopping and len(running) < workers:
+                    job = next(queue, None)
+                    if job is None or (root / "STOP").exists():
+                        stopping = stopping or job is not None
+                        break
+                    running.add(pool.submit(run_job, job, root))
+                if not running:
+                    break
+                finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    status, _ = future.result()
+                    counts[status] += 1
+                    progress.update()
+                    progress.set_postfix(dict(counts), refresh=False)
+        except KeyboardInterrupt:
+            stopping = True
+            progress.write("stopping: waiting for the runs in progress to finish (Ctrl-C again to abandon them)")
+            for future in concurrent.futures.as_completed(running):
+                counts[future.result()[0]] += 1
+                progress.update()
+    progress.close()
+    counts["not run"] = len(jobs) - sum(counts.values())
+    return counts
+
+
+def summary(counts: Counter, root: Path) -> str:
+    parts = [f"{counts[key]} {key}" for key in ("completed", "diverged", "failed", "skipped", "not run")
+             if counts[key]]
+    return f"{', '.join(parts) or 'nothing to do'}; results in {root}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-l", "--log_root", type=Path, required=True, metavar="DIR", help="results folder")
+    parser.add_argument("-d", "--datasets", nargs="+", required=True, metavar="NAME",
+                        help="dataset configs (configs/NAME.yaml)")
+    parser.add_argument("-a", "--algorithms", nargs="+", required=True, metavar="NAME",
+                        help="algorithm configs (configs/NAME.yaml)")
+    parser.add_argument("--generator", choices=["natural_sgd", "replay", "sensitivity", "iterations"],
+                        default="natural_sgd", help="where the initialisations come from (default natural_sgd)")
+    parser.add_argument("--count", type=int, default=1, help="initialisations to draw (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    parser.add_argument("--source", type=Path, metavar="DIR", help="replay: the results folder to replay")
+    parser.add_argument("--workers", type=int, help="processes (default: the number of cores)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run, as train.py's --set; repeatable")
+    args = parser.parse_args(argv)
+    try:
+        for name in args.datasets + args.algorithms:
+            if not (CONFIGS / f"{name}.yaml").is_file():
+                raise ConfigError(f"no config configs/{name}.yaml")
+        if args.generator == "replay":
+            if args.source is None:
+                raise ConfigError("--generator replay needs --source DIR")
+            points = replay(args.source)
+        elif args.generator == "iterations":
+            points = iterations(args.count, args.seed)
+        else:
+            points = natural_sgd(args.count, args.seed)
+            if args.generator == "sensitivity":
+                points = sensitivity(points)
+        jobs = make_jobs(args.datasets, args.algorithms, points, tuple(args.overrides))
+        counts = run_batch(jobs, args.log_root, args.workers, show_progress=sys.stderr.isatty())
+    except ConfigError as error:
+        print(f"parallel_exec.py: error: {error}", file=sys.stderr)
+        return 2
+    print(summary(counts, args.log_root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""parallel_exec.py and run_all.py: many runs from shared initialisations, resumable, on real processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import parallel_exec
+import run_all
+from tests.conftest import REPO
+
+SHORT = ("hyperparameter_steps=5", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
+
+
+def statuses(root) -> list[str]:
+    return sorted(parallel_exec.status_of(path.parent) or "unfinished" for path in root.rglob("config.json"))
+
+
+def test_initialisations_are_seeded_and_in_the_papers_ranges():
+    points = parallel_exec.natural_sgd(200, seed=3)
+    assert points == parallel_exec.natural_sgd(200, seed=3) and points != parallel_exec.natural_sgd(200, seed=4)
+    assert parallel_exec.natural_sgd(5, seed=3) == points[:5]          # a quick look is a subset
+    lr, wd, momentum, multiplier = (np.array([p[key] for p in points]) for key in (
+        "optimiser.lr", "optimiser.weight_decay", "optimiser.momentum", "optimiser.lr_multiplier"))
+    assert 1e-6 <= lr.min() and lr.max() <= 1e-1 and 1e-7 <= wd.min() and wd.max() <= 1e-2
+    assert 0 <= momentum.min() and momentum.max() < 1 and 0.95 <= multiplier.min() and multiplier.max() <= 1.01
+    assert np.log10(lr).std() > 1     # uniform in log space, not clustered
+
+
+def test_every_algorithm_starts_from_the_same_points(tmp_path):
+    points = parallel_exec.natural_sgd(3, seed=0)
+    jobs = parallel_exec.make_jobs(["diabetes"], ["Random", "Random_SteppedLR", "Ours_LR_Momentum"], points, SHORT)
+    configs = [job.config(tmp_path) for job in jobs]
+    by_algorithm = {}
+    for cfg in configs:
+        by_algorithm.setdefault(cfg.algorithm, []).append(
+            (cfg.optimiser.lr, cfg.optimiser.weight_decay, cfg.optimiser.momentum, cfg.seed))
+    assert by_algorithm["Random"] == by_algorithm["Random_SteppedLR"] == by_algorithm["Ours_LR_Momentum"]
+    multipliers = {cfg.algorithm: cfg.optimiser.lr_multiplier for cfg in configs}
+    assert multipliers["Random"] is None and 0.95 <= multipliers["Random_SteppedLR"] <= 1.01
+    assert len({job.run_dir(tmp_path) for job in jobs}) == 9
+
+
+def test_batch_runs_then_skips_what_finished_and_records_failures(tmp_path):
+    points = parallel_exec.natural_sgd(2, seed=0)
+    jobs = parallel_exec.make_jobs(["diabetes"], ["Random", "Ours_LR_Momentum"], points, SHORT)
+    broken = parallel_exec.make_jobs(["uci_energy"], ["Random"], points[:1],
+                                     (f"dataset.data_dir={tmp_path / 'nowhere'}",))
+    counts = parallel_exec.run_batch(jobs + broken, tmp_path, workers=2, show_progress=False)
+    assert counts["completed"] == 4 and counts["failed"] == 1
+    failed = broken[0].run_dir(tmp_path)
+    assert "not found" in json.loads((failed / "metrics.json").read_text())["error"]
+    assert "DatasetMissing" in (failed / "error.txt").read_text()
+
+    again = parallel_exec.run_batch(jobs + broken, tmp_path, workers=2, show_progress=False)
+    assert again["skipped"] == 4 and again["failed"] == 1 and again["completed"] == 0
+    assert statuses(tmp_path) == ["completed"] * 4 + ["failed"]          # no duplicates
+
+
+def test_stop_file_stops_the_batch_before_new_runs(tmp_path):
+    jobs = parallel_exec.make_jobs(["diabetes"], ["Random"], parallel_exec.natural_sgd(3, seed=0), SHORT)
+    (tmp_path / "STOP").touch()
+    counts = parallel_exec.run_batch(jobs, tmp_path, workers=1, show_progress=False)
+    assert counts["not run"] == 3 and not list(tmp_path.rglob("config.json"))
+
+
+def test_replay_reads_back_the_initialisations_of_a_folder(tmp_path):
+    points = parallel_exec.natural_sgd(2, seed=0)
+    parallel_exec.run_batch(parallel_exec.make_jobs(["diabetes"], ["Random_SteppedLR"], points, SHORT), tmp_path,
+                            workers=1, show_progress=False)
+    replayed = parallel_exec.replay(tmp_path)
+    expected = [{key: p[key] for key in ("optimiser.lr", "optimiser.weight_decay", "optimiser.momentum", "seed")}
+                for p in points]
+    assert sorted(replayed, key=str) == sorted(expected, key=str)
+
+
+def test_sensitivity_grid_covers_every_t_and_i():
+    experiment = run_all.EXPERIMENTS["sensitivity"]
+    names = [name for name, _ in experiment.settings]
+    assert len(names) == 55 and "Update10_Rollback10" in names and "Update3_Rollback4" not in names
+
+
+@pytest.mark.slow
+def test_run_all_survives_sigkill_and_restarts_without_duplicates_or_losses(tmp_path):
+    """`run_all.py uci_energy --reps 2`: killed mid-way, then run again to the end."""
+    command = [sys.executable, "run_all.py", "uci_energy", "--reps", "2", "--workers", "2", "-l", str(tmp_path),
+               "--set", "hyperparameter_steps=40"]
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    batch = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len([s for s in statuses(tmp_path) if s == "completed"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(batch.pid, signal.SIGKILL)          # the whole batch: parent and workers
+    batch.wait()
+    before = statuses(tmp_path)
+    assert 3 <= before.count("completed") < 18
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert statuses(tmp_path) == ["completed"] * 18        # 9 algorithms x 2 initialisations, each once
+    assert f"{before.count('completed')} skipped" in result.stdout
+    runs = {}
+    for config_file in tmp_path.rglob("config.json"):
+        values = json.loads(config_file.read_text())
+        runs.setdefault(values["algorithm"], set()).add((values["optimiser"]["lr"], values["seed"]))
+    assert len(runs) == 9 and len({frozenset(points) for points in runs.values()}) == 1   # the same 2 points
+
+
+def test_run_all_lists_experiments_with_run_counts(tmp_path):
+    result = subprocess.run([sys.executable, "run_all.py", "--list", "-l", str(tmp_path), "--workers", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert lines["uci"].split()[1] == str(8 * 9 * 200) and lines["fashion_mnist"].split()[1] == str(9 * 100)
+    assert lines["sensitivity"].split()[1] == str(2 * 55 * 100)
+    assert "after fashion_mnist" in lines["fashion_mnist_BatchNorm"]
