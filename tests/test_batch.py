@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,3 +123,31 @@ def test_run_all_lists_experiments_with_run_counts(tmp_path):
     assert lines["uci"].split()[1] == str(8 * 9 * 200) and lines["fashion_mnist"].split()[1] == str(9 * 100)
     assert lines["sensitivity"].split()[1] == str(2 * 55 * 100)
     assert "after fashion_mnist" in lines["fashion_mnist_BatchNorm"]
+
+
+def test_bayesopt_proposes_within_the_ranges_and_resumes_exactly(tmp_path):
+    import bayesopt
+    folder = tmp_path / "sequence"
+    first = bayesopt.optimise("diabetes", folder, seed=0, cap=10.0, initial=2, guided=3, extra=SHORT)
+    assert len(first) == 5 and sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["00", "01", "02", "03",
+                                                                                            "04"]
+    for point, loss in first:
+        assert all(low <= point[name] <= high for name, (low, high) in bayesopt.BOUNDS.items())
+        assert np.isfinite(loss)
+    # The GP's proposals differ from one another (it is not stuck on one point).
+    assert len({round(point["log10_lr"], 6) for point, _ in first[2:]}) == 3
+
+    # Kill it during the fourth run (the run left without metrics.json): the rerun finishes it as
+    # an uninterrupted sequence would have.
+    (folder / "03" / "metrics.json").unlink()
+    shutil.rmtree(folder / "04")
+    assert bayesopt.optimise("diabetes", folder, seed=0, cap=10.0, initial=2, guided=3, extra=SHORT) == first
+    assert len(list(folder.rglob("config.json"))) == 5
+
+
+def test_bayesopt_counts_a_diverged_run_as_the_cap(tmp_path):
+    import bayesopt
+    history = bayesopt.optimise("diabetes", tmp_path, seed=0, cap=123.0, initial=1, guided=1,
+                                extra=(*SHORT, "optimiser.lr=1e6"))      # every run diverges
+    assert [loss for _, loss in history] == [123.0, 123.0]
+    assert all(parallel_exec.status_of(tmp_path / k) == "diverged" for k in ("00", "01"))
