@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import config
 import parallel_exec
 from config import ConfigError
 
@@ -117,20 +118,31 @@ BAYESOPT_EVALUATIONS = 30           # full runs per Bayesian-optimisation repeti
 
 
 # -------------------------------------------------------------------------------------------------
-# Time estimates from a quick calibration: one window of each (dataset, algorithm) on this machine.
+# Time estimates from a quick calibration: a few windows of each kind of run on this machine.
+
+CALIBRATION_WINDOWS = 3
+
+
+def calibrate(cfg: config.Config) -> tuple[float, float]:
+    """(set-up seconds, seconds per weight step) of runs like `cfg`, from a few of its windows."""
+    import train
+    windows = min(CALIBRATION_WINDOWS, cfg.hyperparameter_steps)
+    start = time.perf_counter()
+    learner = train.Learner(train.prepare(replace(cfg, hyperparameter_steps=windows)))
+    prepared = time.perf_counter() - start
+    return prepared, learner.train_windows() / (windows * cfg.network_weight_steps)
+
 
 def seconds_per_run(job: parallel_exec.Job, root: Path, cache: dict) -> float | None:
-    """Estimated seconds of a job: set-up plus its weight steps at the calibrated pace of one window
-    of the same dataset and algorithm (None when the dataset is not processed yet)."""
-    import train
+    """Estimated seconds of a job: set-up plus its weight steps at the calibrated pace of the same
+    dataset, algorithm and T (None when the dataset is not processed yet)."""
     cfg = job.config(root)
     key = f"{cfg.dataset.name}/{cfg.algorithm}/{cfg.network_weight_steps}"
     if key not in cache:
         try:
-            start = time.perf_counter()
-            learner = train.Learner(train.prepare(replace(cfg, hyperparameter_steps=1)))
-            prepared = time.perf_counter() - start
-            cache[key] = (prepared, learner.train_windows() / cfg.network_weight_steps)
+            if cfg.algorithm not in cache:      # its first run in a process pays one-off costs
+                cache[cfg.algorithm] = calibrate(cfg)
+            cache[key] = calibrate(cfg)
         except ConfigError:
             cache[key] = None
     if cache[key] is None:
