@@ -31,3 +31,5 @@ bench: $(STAMP)
 	$(PY) bench/bench_algorithms.py --workload uci_energy
 	$(PY) bench/bench_algorithms.py --workload fashion_mnist_sized
 	$(PY) bench/bench_distributed.py
+	$(PY) bench/bench_workloads.py
+	$(PY) bench/bench_batch.py
