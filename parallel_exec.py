@@ -221,6 +221,159 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
     return counts
 
 
+# -------------------------------------------------------------------------------------------------
+# Ray: a cluster for plain batches, and Ray Tune's ASHA and population-based training
+
+REPO = Path(__file__).resolve().parent
+
+
+def connect_to_ray(address: str) -> None:
+    """Join a running Ray cluster ("auto": the one `ray start` made on this machine); its workers
+    import this repository from the same path (a shared file system on a real cluster)."""
+    import ray
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+                     log_to_driver=False, configure_logging=False)
+        except ConnectionError as error:
+            raise ConfigError(f"--ray_address {address}: no Ray cluster there ({error}); start one with "
+                              f"`ray start --head`") from None
+
+
+def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_progress: bool = True) -> Counter:
+    """`run_batch` on a Ray cluster: one task (one CPU) per unfinished job."""
+    import ray
+    connect_to_ray(address)
+    root = Path(root).resolve()
+    todo, done = pending(jobs, root)
+    counts = Counter(skipped=done)
+    remote_job = ray.remote(num_cpus=1)(run_job)
+    progress = tqdm(total=len(jobs), initial=done, unit="run", disable=not show_progress, dynamic_ncols=True)
+    running = []
+    for job in todo:
+        if (root / "STOP").exists():
+            break
+        running.append(remote_job.remote(job, root))
+    while running:
+        finished, running = ray.wait(running, num_returns=1)
+        counts[ray.get(finished[0])[0]] += 1
+        progress.update()
+    progress.close()
+    counts["not run"] = len(jobs) - sum(counts.values())
+    return counts
+
+
+SEARCH_RANGES = {"lr": (1e-6, 1e-1), "weight_decay": (1e-7, 1e-2), "momentum": (0.0, 1.0)}
+
+
+def search_space() -> dict:
+    from ray import tune
+    return {"lr": tune.loguniform(*SEARCH_RANGES["lr"]),
+            "weight_decay": tune.loguniform(*SEARCH_RANGES["weight_decay"]),
+            "momentum": tune.uniform(*SEARCH_RANGES["momentum"])}
+
+
+class TuneReporter:
+    """A trial's log: TensorBoard as usual, plus one `tune.report` of the validation and test loss
+    per weight step (its per-step measurement), carrying the latest checkpoint when there is one."""
+
+    def __init__(self, log: object):
+        self.log = log
+        self.checkpoint: Path | None = None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from ray import tune
+        self.log.scalars(step, values)
+        if "Loss/Validation" in values:
+            metrics = {name: value if np.isfinite(value) else float("inf") for name, value in
+                       (("validation_loss", values["Loss/Validation"]), ("test_loss", values["Loss/Test"]))}
+            checkpoint = tune.Checkpoint.from_directory(str(self.checkpoint)) if self.checkpoint else None
+            tune.report(metrics | {"weight_step": step}, checkpoint=checkpoint)
+            self.checkpoint = None
+
+    def histogram(self, step: int, tag: str, values: object) -> None:
+        self.log.histogram(step, tag, values)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], checkpoint_interval: int) -> None:
+    """One Ray Tune trial: a run of `files` from the trial's hyperparameters, logging every weight
+    step, checkpointed (the framework's complete state) every `checkpoint_interval` steps. A trial
+    started from another's checkpoint (PBT) continues that state, its hyperparameters moved by the
+    perturbation of the starting values."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    import train
+    import util
+    values = {f"optimiser.{name}": trial[name] for name in SEARCH_RANGES} | {"seed": trial["seed"]}
+    cfg = config.load_from(list(files), overrides=[f"{key}={value!r}" for key, value in values.items()]
+                           + [*extra, "log_every=1"])
+    learner = train.Learner(train.prepare(cfg))
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", weights_only=True)
+        learner.load_state_dict(state)
+        learner.hyperparameters.shift_({name: state["config"]["optimiser"][name] for name in SEARCH_RANGES},
+                                       {name: getattr(cfg.optimiser, name) for name in SEARCH_RANGES})
+    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+    if restored is not None:       # a record of what this trial continued from
+        (run_dir / f"restored_at_step_{learner.steps_done}.json").write_text(json.dumps(
+            {"from_config": state["config"], "hyperparameters_after": learner.hyperparameters.log_values()},
+            indent=2) + "\n")
+    reporter = learner.log = TuneReporter(util.RunLog(run_dir))
+
+    def checkpoint(learner: train.Learner) -> None:
+        if learner.steps_done % checkpoint_interval == 0:
+            reporter.checkpoint = Path(tempfile.mkdtemp(prefix="checkpoint-"))
+            train.save_checkpoint(str(reporter.checkpoint / "state.pt"), learner, run_dir, learner.context)
+    learner.after_window = checkpoint
+    try:
+        metrics = learner.run()
+    finally:
+        reporter.close()
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def tune_search(scheduler_name: str, dataset: str, algorithm: str, samples: int, root: Path, steps: int = 4000,
+                perturbation_interval: int = 100, extra: tuple[str, ...] = (), address: str = "auto",
+                seed: int = 0) -> object:
+    """The paper's ASHA or PBT search: `samples` trials of `algorithm` on `dataset`, minimising the
+    validation loss reported every weight step, for at most `steps` weight steps each."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    connect_to_ray(address)
+    files = (str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{algorithm}.yaml"))
+    if scheduler_name == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps)
+    else:
+        def explore(trial: dict) -> dict:     # resampling may not reach momentum 1
+            return trial | {"momentum": min(trial["momentum"], 1 - 1e-6)}
+        scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
+                                            hyperparam_mutations=search_space(), custom_explore_fn=explore)
+    rng = np.random.default_rng(seed)
+    space = search_space() | {"seed": tune.sample_from(lambda _: int(rng.integers(2**31)))}
+    trainable = tune.with_parameters(tune_trial, files=files, extra=tuple(extra),
+                                     checkpoint_interval=perturbation_interval)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}), param_space=space,
+        tune_config=tune.TuneConfig(metric="validation_loss", mode="min", num_samples=samples, scheduler=scheduler),
+        run_config=tune.RunConfig(name=f"{scheduler_name}_{dataset}_{algorithm}",
+                                  storage_path=str(Path(root).resolve()), stop={"training_iteration": steps},
+                                  verbose=0))
+    return tuner.fit()
+
+
 def summary(counts: Counter, root: Path) -> str:
     parts = [f"{counts[key]} {key}" for key in ("completed", "diverged", "failed", "skipped", "not run")
              if counts[key]]
@@ -240,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     parser.add_argument("--source", type=Path, metavar="DIR", help="replay: the results folder to replay")
     parser.add_argument("--workers", type=int, help="processes (default: the number of cores)")
+    parser.add_argument("--backend", choices=["local", "ray"], default="local",
+                        help="local process pool (default), or the tasks of a running Ray cluster")
+    parser.add_argument("--ray_address", default="auto", help="with --backend ray: the cluster (default auto)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every run, as train.py's --set; repeatable")
     args = parser.parse_args(argv)
@@ -258,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.generator == "sensitivity":
                 points = sensitivity(points)
         jobs = make_jobs(args.datasets, args.algorithms, points, tuple(args.overrides))
-        counts = run_batch(jobs, args.log_root, args.workers, show_progress=sys.stderr.isatty())
+        if args.backend == "ray":
+            counts = run_batch_on_ray(jobs, args.log_root, args.ray_address, show_progress=sys.stderr.isatty())
+        else:
+            counts = run_batch(jobs, args.log_root, args.workers, show_progress=sys.stderr.isatty())
     except ConfigError as error:
         print(f"parallel_exec.py: error: {error}", file=sys.stderr)
         return 2

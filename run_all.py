@@ -107,10 +107,10 @@ EXPERIMENTS: dict[str, Experiment] = {
     "bayesopt": Experiment("Bayesian optimisation (5 random + 25 guided full runs per repetition)",
                            ("uci_energy", "uci_kin8nm", "uci_power", "fashion_mnist"), ("Random_Validation",), 32,
                            runner="bayesopt"),
-    "asha": Experiment("ASHA on Ray Tune", ("uci_energy",), ("Random_TrainingSetOnly", "Ours_LR_Momentum"), 1,
-                       runner="Ray Tune"),
-    "pbt": Experiment("population-based training on Ray Tune", ("uci_energy",),
-                      ("Random_TrainingSetOnly", "Ours_LR_Momentum"), 1, runner="Ray Tune"),
+    "asha": Experiment("ASHA on Ray Tune (a running Ray cluster): trials stopped early on validation loss",
+                       ("uci_energy",), ("Random_TrainingSetOnly", "Ours_LR_Momentum"), 114_286, runner="asha"),
+    "pbt": Experiment("population-based training on Ray Tune (a running Ray cluster), perturbing every 100 steps",
+                      ("uci_energy",), ("Random_TrainingSetOnly", "Ours_LR_Momentum"), 200, runner="pbt"),
     "meta_scaling": Experiment("meta-learning scaling study", ("meta_dataset",), ("meta",), 1,
                                runner="meta_scaling.py"),
 }
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if experiment.runner == "bayesopt":
             run_bayesopt(args.experiment, experiment, args)
+        elif experiment.runner in ("asha", "pbt"):
+            run_tune(args.experiment, experiment, args)
         elif experiment.runner == "batch":
             jobs = experiment.jobs(args.experiment, args.results, args.reps, args.seed, tuple(args.overrides))
             counts = parallel_exec.run_batch(jobs, args.results, args.workers, show_progress=sys.stderr.isatty())
@@ -250,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_all.py: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_tune(name: str, experiment: Experiment, args: argparse.Namespace) -> None:
+    samples = min(args.reps or experiment.repetitions, experiment.repetitions)
+    for dataset in experiment.datasets:
+        for algorithm in experiment.algorithms:
+            results = parallel_exec.tune_search(experiment.runner, dataset, algorithm, samples, args.results / name,
+                                                extra=tuple(args.overrides), seed=args.seed)
+            best = results.get_best_result()
+            print(f"{name} {dataset} {algorithm}: {len(results)} trials; best validation loss "
+                  f"{best.metrics['validation_loss']:.4g} (test {best.metrics['test_loss']:.4g})")
 
 
 def run_bayesopt(name: str, experiment: Experiment, args: argparse.Namespace) -> None:

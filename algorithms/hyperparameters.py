@@ -61,8 +61,27 @@ class Hyperparameters:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        torch._foreach_copy_(self.leaves(), state["raw"])   # in place: optimisers keep their leaves
+        if state["raw"]:                                     # (fixed hyperparameters have no leaves)
+            torch._foreach_copy_(self.leaves(), state["raw"])   # in place: optimisers keep their leaves
         self.constants = dict(state["constants"])
+
+    @torch.no_grad()
+    def shift_(self, old: dict[str, float], new: dict[str, float]) -> None:
+        """Move every hyperparameter by the change of its starting value from `old` to `new`,
+        measured in the raw space it is optimised in (log10, logit). Population-based training
+        uses it: a trial that copies another's state continues from that state's values, perturbed
+        as its own starting values were."""
+        for name in [*self.raw, *self.constants]:
+            if new[name] == old[name]:
+                continue
+            delta = to_raw(name, torch.tensor(new[name], dtype=torch.float64)) - to_raw(
+                name, torch.tensor(old[name], dtype=torch.float64))
+            if name in self.raw:
+                for leaf in self.raw[name] if isinstance(self.raw[name], list) else [self.raw[name]]:
+                    leaf += delta.to(leaf.dtype)
+            else:
+                current = to_raw(name, torch.tensor(self.constants[name], dtype=torch.float64))
+                self.constants[name] = float(to_natural(name, current + delta))
 
     def leaves(self) -> list[torch.Tensor]:
         """The raw tensors a hyper-optimiser steps, in a fixed order."""

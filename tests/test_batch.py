@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,46 @@ def test_bayesopt_counts_a_diverged_run_as_the_cap(tmp_path):
                                 extra=(*SHORT, "optimiser.lr=1e6"))      # every run diverges
     assert [loss for _, loss in history] == [123.0, 123.0]
     assert all(parallel_exec.status_of(tmp_path / k) == "diverged" for k in ("00", "01"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster, as `ray start --head` makes one."""
+    ray = Path(sys.executable).parent / "ray"
+    started = subprocess.run([str(ray), "start", "--head", "--num-cpus", "2", "--disable-usage-stats"],
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr
+    yield
+    import ray as ray_module
+    ray_module.shutdown()
+    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_batch_runs_on_a_ray_cluster(ray_cluster, tmp_path):
+    command = [sys.executable, "parallel_exec.py", "-l", str(tmp_path), "-d", "diabetes", "-a", "Random",
+               "Ours_LR_Momentum", "--count", "2", "--backend", "ray", *[x for o in SHORT for x in ("--set", o)]]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "4 completed" in result.stdout and statuses(tmp_path) == ["completed"] * 4
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "4 skipped" in again.stdout and statuses(tmp_path) == ["completed"] * 4
+
+
+@pytest.mark.slow
+def test_asha_and_pbt_search_on_ray_tune(ray_cluster, tmp_path):
+    extra = ("dataset.validation_proportion=0.2", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
+    asha = parallel_exec.tune_search("asha", "diabetes", "Ours_LR_Momentum", 4, tmp_path, steps=30,
+                                     extra=(*extra, "hyperparameter_steps=3"))
+    assert len(asha) == 4 and not any(result.error for result in asha)
+    assert all(result.metrics["training_iteration"] <= 30 for result in asha)
+    assert np.isfinite(asha.get_best_result().metrics["validation_loss"])
+
+    pbt = parallel_exec.tune_search("pbt", "diabetes", "Random_TrainingSetOnly", 4, tmp_path, steps=40,
+                                    perturbation_interval=10, extra=(*extra, "hyperparameter_steps=4"))
+    assert len(pbt) == 4 and not any(result.error for result in pbt)
+    assert all(result.metrics["training_iteration"] == 40 for result in pbt)
+    restored = list((tmp_path / "pbt_diabetes_Random_TrainingSetOnly").rglob("restored_at_step_*.json"))
+    assert restored, "no trial continued from another's checkpoint"
+    record = json.loads(restored[0].read_text())
+    assert record["hyperparameters_after"]["Hyperparameter/Lr"] > 0
