@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parallel_exec.py: error: {error}", file=sys.stderr)
         return 2
     print(summary(counts, args.log_root))
-    return 0
+    return 1 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

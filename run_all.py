@@ -5,7 +5,8 @@
     python run_all.py fashion_mnist --workers 2 --set hyperparameter_steps=100
     python run_all.py --parse runs/paper              # what a results folder holds
 
-Results go to `<results>/<experiment>/<dataset>/<algorithm>[/<setting>]/<config hash>`. Running an
+Results go to `<results>/<experiment>/<dataset>/<algorithm>[/<setting>]/<config hash>`; the exit
+code is 1 when any run failed (its error is in its directory), 2 for a bad command. Running an
 experiment again continues it: finished runs are skipped, unfinished ones re-run (see
 parallel_exec.py). A file named STOP in the results folder, or Ctrl-C, stops it after the runs in
 progress. `--reps K` takes the first K of the experiment's initialisations (the same ones whatever
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = experiment.jobs(args.experiment, args.results, args.reps, args.seed, tuple(args.overrides))
             counts = parallel_exec.run_batch(jobs, args.results, args.workers, show_progress=sys.stderr.isatty())
             print(f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
+            if counts["failed"]:
+                return 1          # the batch went on; the exit code still says that runs failed
         else:
             raise ConfigError(f"{args.experiment} runs with {experiment.runner}, not from run_all.py")
     except ConfigError as error:

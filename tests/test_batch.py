@@ -89,15 +89,16 @@ def test_sensitivity_grid_covers_every_t_and_i():
 
 
 @pytest.mark.slow
-def test_run_all_survives_sigkill_and_restarts_without_duplicates_or_losses(tmp_path):
+def test_run_all_survives_sigkill_and_restarts_without_duplicates_or_losses(tmp_path, data_dir):
     """`run_all.py uci_energy --reps 2`: killed mid-way, then run again to the end."""
     command = [sys.executable, "run_all.py", "uci_energy", "--reps", "2", "--workers", "2", "-l", str(tmp_path),
-               "--set", "hyperparameter_steps=40"]
+               "--set", "hyperparameter_steps=40", "--set", f"dataset.data_dir={data_dir}"]
     env = os.environ | {"PYTHONPATH": str(REPO)}
     batch = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while len([s for s in statuses(tmp_path) if s == "completed"]) < 3 and time.monotonic() < deadline:
+        assert batch.poll() is None, "the batch ended before it could be killed"
         time.sleep(0.05)
     os.killpg(batch.pid, signal.SIGKILL)          # the whole batch: parent and workers
     batch.wait()
