@@ -145,11 +145,19 @@ class Scalar:
 
 
 @dataclass
+class Histogram:
+    steps: np.ndarray            # int64 hyperparameter-step indices
+    limits: list[np.ndarray]     # per step: the buckets' right edges
+    counts: list[np.ndarray]     # per step: the number of values in each bucket
+
+
+@dataclass
 class Run:
     path: Path
     config: dict
     metrics: dict
     scalars: dict[str, Scalar] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
 
 
 def find_runs(directory: str | os.PathLike) -> list[Path]:
@@ -158,36 +166,128 @@ def find_runs(directory: str | os.PathLike) -> list[Path]:
     return sorted(p.parent for p in root.rglob("config.json"))
 
 
-def get_tags(directory: str | os.PathLike, *tags: str) -> dict[str, Run]:
-    """Read every run below `directory`: each scalar tag (all of them if none are named), in full.
+CACHE_NAME = ".tags_cache.npz"
+
+
+def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -> dict[str, Run]:
+    """Read every run below `directory`: each scalar tag (all of them if none are named) and every
+    histogram, in full.
 
     Returns {run path relative to `directory`: Run}. Every recorded event is kept (no TensorBoard
-    down-sampling), ordered by step (a resumed run's files may interleave); a tag a run never
-    logged is absent from that run's `scalars`.
+    down-sampling), ordered by step; a step logged twice (by a killed run and again by its
+    resumption) keeps the later value; a tag a run never logged is absent from its `scalars`.
+    What a run's event files hold is cached beside them (`.tags_cache.npz`, no pickles) and read
+    again only when those files change.
     """
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
     root = Path(directory)
     runs = {}
     for path in find_runs(root):
-        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0}, purge_orphaned_data=False)
-        accumulator.Reload()
-        wanted = tags or accumulator.Tags()[SCALARS]
-        scalars = {}
-        for tag in wanted:
-            if tag not in accumulator.Tags()[SCALARS]:
-                continue
-            # A step logged twice (by a killed run and again by its resumption) keeps the later value.
-            latest = {e.step: e for e in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time)}
-            events = [latest[step] for step in sorted(latest)]
-            scalars[tag] = Scalar(np.array([e.step for e in events], dtype=np.int64),
-                                  np.array([e.value for e in events], dtype=np.float64),
-                                  np.array([e.wall_time for e in events], dtype=np.float64))
+        scalars, histograms = read_run_events(path, use_cache)
         metrics_file = path / "metrics.json"
         runs[str(path.relative_to(root))] = Run(
             path=path, config=json.loads((path / "config.json").read_text()),
             metrics=json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
-            scalars=scalars)
+            scalars={tag: scalar for tag, scalar in scalars.items() if not tags or tag in tags},
+            histograms=histograms)
     return runs
+
+
+def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
+    """A run's scalars and histograms, from its cache when that matches its event files."""
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    signature = json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache = run_dir / CACHE_NAME
+    if use_cache and cache.is_file():
+        with np.load(cache, allow_pickle=False) as archive:
+            if str(archive["signature"]) == signature:
+                return _from_archive(archive)
+    scalars, histograms = _parse_event_files(files)
+    if use_cache:
+        try:
+            temporary = run_dir / f"{CACHE_NAME}.{os.getpid()}.tmp.npz"
+            np.savez(temporary, signature=np.array(signature), **_to_archive(scalars, histograms))
+            os.replace(temporary, cache)
+        except OSError:             # a read-only results folder: no cache, same answer
+            pass
+    return scalars, histograms
+
+
+def _parse_event_files(files: list[Path]) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
+    """Scalars and histograms of TensorBoard event files, reading the TFRecord framing directly (a
+    record cut short by a killed writer ends the file)."""
+    scalar_events: dict[str, list[tuple[int, float, float]]] = {}
+    histogram_events: dict[str, list[tuple[int, float, np.ndarray, np.ndarray]]] = {}
+    for file in files:
+        data, offset = file.read_bytes(), 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            start, end = offset + 12, offset + 12 + length
+            if end + 4 > len(data):
+                break
+            event, offset = Event.FromString(data[start:end]), end + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalar_events.setdefault(value.tag, []).append((event.step, event.wall_time, value.simple_value))
+                elif value.HasField("histo"):
+                    histogram_events.setdefault(value.tag, []).append(
+                        (event.step, event.wall_time, np.array(value.histo.bucket_limit),
+                         np.array(value.histo.bucket)))
+    scalars = {}
+    for tag, events in scalar_events.items():
+        steps, wall_times, values = (np.array(column) for column in zip(*_latest_per_step(events), strict=True))
+        scalars[tag] = Scalar(steps.astype(np.int64), values.astype(np.float64), wall_times.astype(np.float64))
+    histograms = {}
+    for tag, events in histogram_events.items():
+        kept = _latest_per_step(events)
+        histograms[tag] = Histogram(np.array([e[0] for e in kept], dtype=np.int64), [e[2] for e in kept],
+                                    [e[3] for e in kept])
+    return scalars, histograms
+
+
+def _latest_per_step(events: list[tuple]) -> list[tuple]:
+    """(step, wall_time, ...) events sorted by step, the latest written one of each step."""
+    latest = {event[0]: event for event in sorted(events, key=lambda event: event[1])}
+    return [latest[step] for step in sorted(latest)]
+
+
+def _to_archive(scalars: dict[str, Scalar], histograms: dict[str, Histogram]) -> dict[str, np.ndarray]:
+    arrays = {"scalar_tags": np.array(list(scalars), dtype=str),
+              "histogram_tags": np.array(list(histograms), dtype=str)}
+    for index, scalar in enumerate(scalars.values()):
+        arrays[f"scalar_{index}"] = np.stack([scalar.steps.astype(np.float64), scalar.values, scalar.wall_times])
+    for index, histogram in enumerate(histograms.values()):
+        arrays[f"histogram_{index}_steps"] = histogram.steps
+        arrays[f"histogram_{index}_sizes"] = np.array([len(limits) for limits in histogram.limits], dtype=np.int64)
+        arrays[f"histogram_{index}_limits"] = np.concatenate(histogram.limits) if histogram.limits else np.zeros(0)
+        arrays[f"histogram_{index}_counts"] = np.concatenate(histogram.counts) if histogram.counts else np.zeros(0)
+    return arrays
+
+
+def _from_archive(archive: np.lib.npyio.NpzFile) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
+    scalars = {}
+    for index, tag in enumerate(archive["scalar_tags"].tolist()):
+        steps, values, wall_times = archive[f"scalar_{index}"]
+        scalars[tag] = Scalar(steps.astype(np.int64), values, wall_times)
+    histograms = {}
+    for index, tag in enumerate(archive["histogram_tags"].tolist()):
+        splits = np.cumsum(archive[f"histogram_{index}_sizes"])[:-1]
+        histograms[tag] = Histogram(archive[f"histogram_{index}_steps"],
+                                    np.split(archive[f"histogram_{index}_limits"], splits),
+                                    np.split(archive[f"histogram_{index}_counts"], splits))
+    return scalars, histograms
+
+
+def stack(runs: list[Run], tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """One tag of many runs aligned by step: (the union of their steps, values[run, step]), NaN
+    where a run has no value at a step (it diverged early, or logged less often)."""
+    present = [run.scalars[tag] for run in runs if tag in run.scalars]
+    steps = np.unique(np.concatenate([scalar.steps for scalar in present])) if present else np.zeros(0, np.int64)
+    values = np.full((len(runs), len(steps)), np.nan)
+    for row, run in enumerate(runs):
+        if tag in run.scalars:
+            scalar = run.scalars[tag]
+            values[row, np.searchsorted(steps, scalar.steps)] = scalar.values
+    return steps, values
 
 
 def finite_or_none(value: float) -> float | None:

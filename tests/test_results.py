@@ -1,0 +1,89 @@
+"""util.get_tags: every scalar and histogram of every run, aligned by step, cached per run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import util
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory) -> util.Run:
+    root = tmp_path_factory.mktemp("runs")
+    assert train.main(["-c", str(REPO / "configs/diabetes.yaml"), str(REPO / "configs/Ours_HDLR_Momentum.yaml"),
+                       "--seed", "0", "--hyperparameter_steps", "6", "--set", "model.layer_sizes=[10, 8, 1]",
+                       "-l", str(root)]) == 0
+    return root
+
+
+def test_get_tags_reads_what_tensorboard_reads(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, SCALARS, EventAccumulator
+    (run,) = util.get_tags(logged_run, use_cache=False).values()
+    accumulator = EventAccumulator(str(run.path), size_guidance={SCALARS: 0, HISTOGRAMS: 0})
+    accumulator.Reload()
+    assert sorted(run.scalars) == sorted(accumulator.Tags()[SCALARS])
+    for tag, scalar in run.scalars.items():
+        events = accumulator.Scalars(tag)
+        np.testing.assert_array_equal(scalar.steps, [e.step for e in events])
+        np.testing.assert_array_equal(scalar.values, np.array([e.value for e in events], dtype=np.float32))
+        np.testing.assert_array_equal(scalar.wall_times, [e.wall_time for e in events])
+    histogram = run.histograms["Hyperparameter/Lr"]
+    events = accumulator.Histograms("Hyperparameter/Lr")
+    np.testing.assert_array_equal(histogram.steps, np.arange(6))
+    for counts, event in zip(histogram.counts, events, strict=True):
+        np.testing.assert_array_equal(counts, event.histogram_value.bucket)
+        assert counts.sum() == 10 * 8 + 8 + 8 + 1          # one lr per weight element
+
+
+def test_the_cache_is_used_until_the_event_files_change(logged_run):
+    (first,) = util.get_tags(logged_run).values()
+    cache = first.path / util.CACHE_NAME
+    assert cache.is_file()
+    cache_time = cache.stat().st_mtime_ns
+    (again,) = util.get_tags(logged_run, "Loss/Test").values()
+    assert cache.stat().st_mtime_ns == cache_time and list(again.scalars) == ["Loss/Test"]
+    np.testing.assert_array_equal(again.scalars["Loss/Test"].values, first.scalars["Loss/Test"].values)
+
+    log = util.RunLog(first.path)            # e.g. a resumed run adds a file
+    log.scalars(10_000, {"Loss/Test": 0.5})
+    log.close()
+    (changed,) = util.get_tags(logged_run, "Loss/Test").values()
+    assert changed.scalars["Loss/Test"].steps[-1] == 10_000 and changed.scalars["Loss/Test"].values[-1] == 0.5
+    assert cache.stat().st_mtime_ns != cache_time
+
+
+def test_a_record_cut_short_by_a_kill_ends_the_file(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    log = util.RunLog(run_dir)
+    for step in range(5):
+        log.scalars(step, {"Loss/Training": float(step)})
+    log.close()
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    events.write_bytes(events.read_bytes()[:-7])
+    (run,) = util.get_tags(tmp_path).values()
+    np.testing.assert_array_equal(run.scalars["Loss/Training"].steps, [0, 1, 2, 3])
+
+
+def test_stack_aligns_runs_by_step_not_position():
+    def run(steps, values):
+        return util.Run(path=None, config={}, metrics={}, scalars={
+            "Loss/Test": util.Scalar(np.array(steps), np.array(values, dtype=float), np.zeros(len(steps)))})
+    steps, values = util.stack([run([0, 10, 20], [3, 2, 1]), run([0, 20], [5, 4]), util.Run(None, {}, {})],
+                               "Loss/Test")
+    np.testing.assert_array_equal(steps, [0, 10, 20])
+    np.testing.assert_array_equal(values, [[3, 2, 1], [5, np.nan, 4], [np.nan] * 3])
+
+
+def test_histogram_values_round_trip_through_the_cache(logged_run):
+    (fresh,) = util.get_tags(logged_run, use_cache=False).values()
+    util.get_tags(logged_run)
+    (cached,) = util.get_tags(logged_run).values()
+    for tag, histogram in fresh.histograms.items():
+        np.testing.assert_array_equal(cached.histograms[tag].steps, histogram.steps)
+        for a, b in zip(cached.histograms[tag].limits, histogram.limits, strict=True):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
