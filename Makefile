@@ -33,3 +33,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_distributed.py
 	$(PY) bench/bench_workloads.py
 	$(PY) bench/bench_batch.py
+	$(PY) bench/bench_get_tags.py
