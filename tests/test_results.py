@@ -87,3 +87,40 @@ def test_histogram_values_round_trip_through_the_cache(logged_run):
         np.testing.assert_array_equal(cached.histograms[tag].steps, histogram.steps)
         for a, b in zip(cached.histograms[tag].limits, histogram.limits, strict=True):
             assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_bootstrap_standard_error_matches_the_direct_computation():
+    import figures
+    values = np.random.default_rng(1).normal(3.0, 2.0, 400)
+    direct = values.std() / np.sqrt(len(values))                     # the standard error of the mean
+    got = figures.bootstrap_standard_error(values, np.mean, samples=20_000)
+    assert abs(got - direct) / direct < 0.03
+    # The median's, against its exact bootstrap distribution (odd n = 2m + 1: the resampled median
+    # is at most the k-th smallest value when at least m + 1 draws are).
+    from scipy.stats import binom
+    values = values[:401]
+    ordered, n = np.sort(values), len(values)
+    at_most = binom.sf((n - 1) // 2, n, np.arange(n + 1) / n)
+    probabilities = np.diff(at_most)
+    exact = np.sqrt(probabilities @ ordered**2 - (probabilities @ ordered) ** 2)
+    got = figures.bootstrap_standard_error(values, np.median, samples=20_000)
+    assert abs(got - exact) / exact < 0.03
+
+
+def test_summary_excludes_and_counts_diverged_runs():
+    import figures
+    summary = figures.summarise(np.array([1.0, 2.0, 3.0, np.nan, np.inf, 500.0]), threshold=100.0)
+    assert (summary.runs, summary.diverged, summary.mean, summary.median, summary.best) == (3, 3, 2.0, 2.0, 1.0)
+    assert summary.mean_se > 0 and summary.median_se > 0
+
+
+def test_three_batching_keeps_the_best_validation_run_of_each_triple():
+    import figures
+    test = np.arange(9, dtype=float) * 10
+    validation = np.array([5, 4, 3, 2, 1, 0, 9, np.nan, 7], dtype=float)
+    chosen = figures.three_batched(test, validation, seed=0)
+    order = np.random.default_rng(0).permutation(9).reshape(3, 3)
+    expected = [test[triple[np.argmin(np.where(np.isnan(validation[triple]), np.inf, validation[triple]))]]
+                for triple in order]
+    np.testing.assert_array_equal(chosen, expected)
+    assert len(figures.three_batched(test[:8], validation[:8])) == 2       # leftovers are dropped
