@@ -8,12 +8,18 @@ of the statistics and counted.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 import util
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 # The paper's order of algorithms (the 3-batched Random comes after the stepped-lr one).
 ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Validation", "Random_TrainingSetOnly",
@@ -84,5 +90,157 @@ def final_values_by_algorithm(runs: dict[str, util.Run], tag: str, seed: int = 0
     if "Random_Validation" in grouped:
         validation = np.array([final_value(run, "Loss/Validation") for run in grouped["Random_Validation"]])
         values["Random_3Batched"] = three_batched(values["Random_Validation"], validation, seed)
-    order = {name: index for index, name in enumerate(ALGORITHM_ORDER)}
-    return dict(sorted(values.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+    return dict(sorted(values.items(), key=lambda item: order_key(item[0])))
+
+
+def order_key(algorithm: str) -> tuple[int, str]:
+    """Sorts algorithms in the paper's order, unknown ones last by name."""
+    order = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
+    return order, algorithm
+
+
+# -------------------------------------------------------------------------------------------------
+# Tables
+
+def results_table(summaries: dict[str, Summary], scale: float = 1.0) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows and LaTeX rows of one dataset's table: mean, median (each +- bootstrap s.e.),
+    best and diverged count per algorithm. The lowest mean and median, and any within one
+    standard error of them, are marked (Markdown bold, LaTeX \\textbf)."""
+    def marked(name: str, value: float, error: float, field: str) -> tuple[str, bool]:
+        values = [(getattr(s, field), getattr(s, field + "_se")) for s in summaries.values() if s.runs]
+        best, best_error = min(values) if values else (math.nan, math.nan)
+        text = f"{value * scale:.4g} ± {error * scale:.2g}" if math.isfinite(value) else "-"
+        return text, math.isfinite(value) and value - (error if math.isfinite(error) else 0) <= best + best_error
+    header = ["algorithm", "mean ± s.e.", "median ± s.e.", "best", "diverged"]
+    rows, latex = [], []
+    for name, summary in summaries.items():
+        mean, mean_best = marked(name, summary.mean, summary.mean_se, "mean")
+        median, median_best = marked(name, summary.median, summary.median_se, "median")
+        best = f"{summary.best * scale:.4g}" if summary.runs else "-"
+        diverged = f"{summary.diverged}/{summary.runs + summary.diverged}"
+        rows.append([name, f"**{mean}**" if mean_best else mean, f"**{median}**" if median_best else median,
+                     best, diverged])
+        cells = [name.replace("_", "\\_"), mean.replace("±", "$\\pm$"), median.replace("±", "$\\pm$"), best,
+                 diverged]
+        cells[1] = f"\\textbf{{{cells[1]}}}" if mean_best else cells[1]
+        cells[2] = f"\\textbf{{{cells[2]}}}" if median_best else cells[2]
+        latex.append(" & ".join(cells) + " \\\\")
+    return header, rows, latex
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+# -------------------------------------------------------------------------------------------------
+# Figures: one colour per algorithm everywhere.
+
+def colour(algorithm: str) -> tuple:
+    palette = plt.get_cmap("tab20").colors
+    index = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else hash(algorithm) % len(palette)
+    return palette[index % len(palette)]
+
+
+def new_figure(width: float = 5.5, height: float = 3.4) -> tuple[plt.Figure, plt.Axes]:
+    figure, axes = plt.subplots(figsize=(width, height), layout="constrained")
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def save(figure: plt.Figure, path: Path) -> list[Path]:
+    """Write `path` as PNG and PDF; returns both paths."""
+    written = []
+    for suffix in (".png", ".pdf"):
+        target = path.with_suffix(suffix)
+        figure.savefig(target, dpi=150)
+        written.append(target)
+    plt.close(figure)
+    return written
+
+
+def plot_cdfs(axes: plt.Axes, values: dict[str, np.ndarray], xlabel: str) -> None:
+    """Empirical CDF of each algorithm's final values (finite ones; log x-axis)."""
+    for algorithm, data in values.items():
+        finite = np.sort(data[np.isfinite(data)])
+        if len(finite):
+            axes.step(finite, np.arange(1, len(finite) + 1) / len(data), where="post", label=algorithm,
+                      color=colour(algorithm))
+    axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("fraction of runs at or below")
+    axes.legend(fontsize=6, ncols=2)
+
+
+def bootstrap_median_band(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of values[run, step]: the median, 16th and 84th percentiles of `samples`
+    bootstrap medians over the runs (NaN entries, runs that ended earlier, ignored)."""
+    rows = np.random.default_rng(seed).integers(0, len(values), (samples, len(values)))
+    band = np.full((3, values.shape[1]), np.nan)
+    block = max(1, 2**23 // max(rows.size, 1))          # columns per chunk: bounded memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column with no values at all gives NaN
+        for start in range(0, values.shape[1], block):
+            medians = np.nanmedian(values[:, start:start + block][rows], axis=1)
+            band[:, start:start + block] = np.nanpercentile(medians, [50, 16, 84], axis=0)
+    return band[0], band[1], band[2]
+
+
+def plot_envelopes(axes: plt.Axes, curves: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str,
+                   ylabel: str) -> None:
+    """Each algorithm's bootstrap median of its curves (x, values[run, x]), with the central 68% of
+    the bootstrap medians as a band; log y."""
+    for algorithm, (x, values) in curves.items():
+        centre, low, high = bootstrap_median_band(values)
+        axes.plot(x, centre, label=algorithm, color=colour(algorithm), linewidth=1)
+        axes.fill_between(x, low, high, color=colour(algorithm), alpha=0.2, linewidth=0)
+    axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.legend(fontsize=6, ncols=2)
+
+
+def on_time_grid(runs: list[util.Run], tag: str, points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's `tag` against its elapsed wall time, on a common grid (NaN after a run ends)."""
+    curves = [(s.wall_times - s.wall_times[0], s.values) for s in (run.scalars[tag] for run in runs
+                                                                   if tag in run.scalars) if len(s.steps)]
+    end = max((elapsed[-1] for elapsed, _ in curves), default=0.0)
+    grid = np.linspace(0.0, end, points)
+    values = np.array([np.interp(grid, elapsed, data, right=np.nan) for elapsed, data in curves])
+    return grid, values
+
+
+def plot_trajectories(axes: plt.Axes, runs: list[util.Run], tag: str, ylabel: str, count: int = 20,
+                      seed: int = 0) -> None:
+    """`count` randomly chosen runs' trajectories of `tag` (e.g. Last_Hyperparameter/Lr), log y."""
+    chosen = np.random.default_rng(seed).permutation(len(runs))[:count]
+    for index in chosen:
+        scalar = runs[index].scalars.get(tag)
+        if scalar is not None:
+            axes.plot(scalar.steps, scalar.values, linewidth=0.8, alpha=0.8)
+    axes.set_yscale("log")
+    axes.set_xlabel("hyperparameter step")
+    axes.set_ylabel(ylabel)
+
+
+def plot_violins(axes: plt.Axes, values: dict[str, np.ndarray], ylabel: str) -> None:
+    names = [name for name, data in values.items() if len(data)]
+    parts = axes.violinplot([values[name] for name in names], showmedians=True)
+    for body, name in zip(parts["bodies"], names, strict=True):
+        body.set_facecolor(colour(name))
+    axes.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=7)
+    axes.set_ylabel(ylabel)
+
+
+def plot_heatmap(axes: plt.Axes, grid: np.ndarray, xlabel: str, ylabel: str, label: str) -> None:
+    """grid[row = T - 1, column = i - 1] (NaN where no runs), log colour scale."""
+    from matplotlib.colors import LogNorm
+    finite = grid[np.isfinite(grid) & (grid > 0)]
+    norm = LogNorm(finite.min(), finite.max()) if len(finite) else None
+    image = axes.imshow(grid, origin="lower", norm=norm, cmap="viridis",
+                        extent=(0.5, grid.shape[1] + 0.5, 0.5, grid.shape[0] + 0.5))
+    axes.figure.colorbar(image, ax=axes, label=label)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(False)

@@ -1,6 +1,8 @@
 """util.get_tags: every scalar and histogram of every run, aligned by step, cached per run."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,52 @@ def test_three_batching_keeps_the_best_validation_run_of_each_triple():
                 for triple in order]
     np.testing.assert_array_equal(chosen, expected)
     assert len(figures.three_batched(test[:8], validation[:8])) == 2       # leftovers are dropped
+
+
+def write_run(run_dir, algorithm: str, final_test: float, lr_path: list[float], seconds: float) -> None:
+    """A synthetic run directory with known values, written as the framework writes one."""
+    run_dir.mkdir(parents=True)
+    config = {"task": "hyperparameter_optimisation", "algorithm": algorithm, "dataset": {"name": "uci_energy"}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    final = {"Unnormalised_Loss/Test": final_test, "Loss/Validation": final_test / 10}
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "completed", "final": final,
+                                                      "train_seconds": seconds}))
+    log = util.RunLog(run_dir)
+    for step in range(0, 101, 10):
+        log.scalars(step, {"Unnormalised_Loss/Test": final_test * (1 + (100 - step) / 10)})
+    for window, lr in enumerate(lr_path):
+        log.scalars(window, {"Last_Hyperparameter/Lr": lr})
+    log.close()
+
+
+def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path, capsys):
+    import paper_plots
+    finals = {"Random": [4.0, 2.0, 9.0, 1.0], "Random_Validation": [3.0, 5.0, 7.0, 6.0, 8.0, 2.0],
+              "Ours_LR_Momentum": [0.5, 0.25, 1.0, 0.75]}
+    for algorithm, values in finals.items():
+        for index, value in enumerate(values):
+            lrs = [1e-3] * 5 if algorithm.startswith("Random") else [1e-3 * 1.5**k for k in range(5)]
+            write_run(tmp_path / "results" / "main" / "uci_energy" / algorithm / f"run{index}", algorithm, value, lrs,
+                      seconds=1.0 + index)
+    assert paper_plots.main([str(tmp_path / "results"), "--out", str(tmp_path / "paper")]) == 0
+    out = tmp_path / "paper"
+    for name in ("cdf", "envelope_step", "envelope_time", "learning_rates", "runtimes"):
+        for suffix in (".png", ".pdf"):
+            assert (out / f"main_uci_energy_{name}{suffix}").stat().st_size > 5000, name
+    report = (out / "report.md").read_text()
+    assert "| Ours_LR_Momentum | **0.625 ± " in report              # the mean of 0.5, 0.25, 1.0, 0.75, best
+    assert "| Random | 4 ± " in report and "| 1 | 0/4 |" in report  # best 1, none diverged
+    assert "Random_3Batched" in report and "0/2 |" in report          # 6 Random_Validation runs: 2 triples
+    assert "![main, uci_energy: CDF](main_uci_energy_cdf.png)" in report
+    assert "sensitivity" not in report.lower().split("## not made")[0]
+    assert "skipped hypergradient comparison" in capsys.readouterr().out
+
+
+def test_paper_plots_says_what_it_could_not_make(tmp_path, capsys):
+    import paper_plots
+    (tmp_path / "empty").mkdir()
+    assert paper_plots.main([str(tmp_path / "empty")]) == 0
+    report = (tmp_path / "empty" / "paper" / "report.md").read_text()
+    assert "## Not made" in report and "no finished hyperparameter-optimisation runs" in report
+    assert paper_plots.main([str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err

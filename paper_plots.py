@@ -1,0 +1,202 @@
+"""The paper's tables and figures from a results folder, and a report that puts them together.
+
+    python paper_plots.py runs/paper [--out DIR]
+
+Reads every run below the folder (util.get_tags; cached per run), groups the runs by experiment
+(the first folder level, as run_all.py writes them; the whole folder when it is a flat list of
+runs) and dataset, and writes into --out (default: <folder>/paper) whatever the data supports:
+- per experiment and dataset: the results table (Markdown and LaTeX), the CDF of final test
+  values, loss envelopes against weight step and wall time, sample learning-rate trajectories
+  and run-time violins;
+- for runs in Update{T}_Rollback{i} groups (the sensitivity study): the median final test value
+  over T and i;
+and report.md, which shows them with a line on each. What it cannot make is listed with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import figures
+import util
+
+SENSITIVITY_GROUP = "Update{}_Rollback{}"
+
+
+def headline(dataset: str) -> tuple[str, str]:
+    """The metric a dataset is judged by, and its axis label."""
+    if dataset.startswith("uci_"):
+        return "Unnormalised_Loss/Test", "final test MSE (target units)"
+    if dataset.startswith("penn_treebank"):
+        return "Perplexity/Test", "final test perplexity"
+    return "Loss/Test", "final test loss"
+
+
+@dataclass
+class Report:
+    out: Path
+    sections: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, title: str, line: str, files: list[Path] = (), text: str = "") -> None:
+        parts = [f"### {title}", line]
+        parts += [f"![{title}]({path.name})" for path in files if path.suffix == ".png"]
+        parts += [text] if text else []
+        self.sections.append("\n\n".join(parts))
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append(f"- {what}: {why}")
+
+    def write(self, source: Path) -> Path:
+        lines = [f"# Results: {source}", *self.sections]
+        if self.skipped:
+            lines += ["## Not made", "\n".join(self.skipped)]
+        path = self.out / "report.md"
+        path.write_text("\n\n".join(lines) + "\n")
+        return path
+
+
+def group_runs(runs: dict[str, util.Run]) -> dict[tuple[str, str], list[util.Run]]:
+    """{(experiment, dataset): runs} of the finished hyperparameter-optimisation runs."""
+    groups: dict[tuple[str, str], list[util.Run]] = {}
+    for name, run in runs.items():
+        if run.config.get("task", "hyperparameter_optimisation") != "hyperparameter_optimisation":
+            continue
+        if run.metrics.get("status") not in ("completed", "diverged"):
+            continue
+        parts = Path(name).parts
+        experiment = parts[0] if len(parts) >= 4 else "runs"
+        groups.setdefault((experiment, run.config["dataset"]["name"]), []).append(run)
+    return groups
+
+
+def setting_of(run: util.Run) -> tuple[int, int] | None:
+    """(T, i) of a run in a sensitivity-study group, else None."""
+    for part in run.path.parts:
+        if part.startswith("Update") and "_Rollback" in part:
+            steps, terms = part.removeprefix("Update").split("_Rollback")
+            return int(steps), int(terms)
+    return None
+
+
+def changes(run: util.Run, tag: str) -> bool:
+    """Whether a run's `tag` takes more than one value."""
+    return tag in run.scalars and len(np.unique(run.scalars[tag].values)) > 1
+
+
+def main_figures(report: Report, prefix: str, title: str, runs: list[util.Run], dataset: str) -> None:
+    tag, label = headline(dataset)
+    runs_by_algorithm: dict[str, list[util.Run]] = {}
+    for run in sorted(runs, key=lambda run: figures.order_key(run.config["algorithm"])):
+        runs_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
+    finals = figures.final_values_by_algorithm({str(i): run for i, run in enumerate(runs)}, tag)
+    summaries = {algorithm: figures.summarise(values) for algorithm, values in finals.items()}
+    header, rows, latex = figures.results_table(summaries)
+    (report.out / f"{prefix}_table.tex").write_text("\n".join(latex) + "\n")
+    report.add(f"{title}: results table", f"{label}: mean and median over initialisations (± bootstrap standard "
+               f"error, 1000 resamples), best, and diverged runs (left out); bold: the best, or within one "
+               f"standard error of it. LaTeX rows: {prefix}_table.tex.", text=figures.markdown_table(header, rows))
+
+    figure, axes = figures.new_figure()
+    figures.plot_cdfs(axes, finals, label)
+    report.add(f"{title}: CDF", f"Empirical CDF of the {label} of every run, per algorithm.",
+               figures.save(figure, report.out / f"{prefix}_cdf"))
+
+    per_step = "Loss/Test" if tag != "Unnormalised_Loss/Test" else "Unnormalised_Loss/Test"
+    for axis in ("step", "time"):
+        curves = {}
+        for algorithm, group in runs_by_algorithm.items():
+            curves[algorithm] = (util.stack(group, per_step) if axis == "step"
+                                 else figures.on_time_grid(group, per_step))
+        xlabel = "weight step" if axis == "step" else "wall time (s)"
+        figure, axes = figures.new_figure()
+        figures.plot_envelopes(axes, curves, xlabel, per_step)
+        report.add(f"{title}: envelope against {axis}", f"Bootstrap median of {per_step} over runs (band: the "
+                   f"central 68% of 1000 bootstrap medians), against {xlabel}.",
+                   figures.save(figure, report.out / f"{prefix}_envelope_{axis}"))
+
+    tuned = {algorithm: group for algorithm, group in runs_by_algorithm.items()
+             if any(changes(run, "Last_Hyperparameter/Lr") for run in group)}
+    if tuned:
+        figure, axes = figures.new_figure(width=2.6 * len(tuned), height=2.8)
+        figure.clear()
+        for index, (algorithm, group) in enumerate(tuned.items()):
+            axes = figure.add_subplot(1, len(tuned), index + 1)
+            figures.plot_trajectories(axes, group, "Last_Hyperparameter/Lr", "learning rate" if index == 0 else "")
+            axes.set_title(algorithm, fontsize=8)
+        report.add(f"{title}: learning-rate trajectories", "The learning rate of 20 randomly chosen runs of each "
+                   "algorithm that changes it, at every hyperparameter step.",
+                   figures.save(figure, report.out / f"{prefix}_learning_rates"))
+    else:
+        report.skip(f"{title}: learning-rate trajectories", "no run here changes its learning rate")
+
+    seconds = {algorithm: np.array([run.metrics.get("train_seconds", math.nan) for run in group])
+               for algorithm, group in runs_by_algorithm.items()}
+    figure, axes = figures.new_figure()
+    figures.plot_violins(axes, seconds, "training time per run (s)")
+    report.add(f"{title}: run times", "Distribution of each algorithm's training seconds per run.",
+               figures.save(figure, report.out / f"{prefix}_runtimes"))
+
+
+def sensitivity_figure(report: Report, prefix: str, title: str, runs: list[util.Run], dataset: str) -> None:
+    tag, label = headline(dataset)
+    for algorithm in sorted({run.config["algorithm"] for run in runs}):
+        cells: dict[tuple[int, int], list[float]] = {}
+        for run in runs:
+            if run.config["algorithm"] == algorithm:
+                cells.setdefault(setting_of(run), []).append(figures.final_value(run, tag))
+        largest = max(max(key) for key in cells)
+        grid = np.full((largest, largest), np.nan)
+        for (steps, terms), values in cells.items():
+            finite = np.array(values)[np.isfinite(values)]
+            grid[steps - 1, terms - 1] = np.median(finite) if len(finite) else np.nan
+        figure, axes = figures.new_figure(width=4.2, height=3.4)
+        figures.plot_heatmap(axes, grid, "i (look-back)", "T (weight steps per hyperparameter step)",
+                             f"median {label}")
+        report.add(f"{title}: sensitivity of {algorithm}", f"Median {label} over initialisations for each T and i.",
+                   figures.save(figure, report.out / f"{prefix}_sensitivity_{algorithm}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a results folder (e.g. runs/paper)")
+    parser.add_argument("--out", type=Path, help="where the figures and report go (default: RESULTS/paper)")
+    args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        print(f"paper_plots.py: error: {args.results}: no such folder", file=sys.stderr)
+        return 2
+    out = args.out or args.results / "paper"
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
+    runs = util.get_tags(args.results)
+    groups = group_runs(runs)
+    if not groups:
+        report.skip("everything", f"no finished hyperparameter-optimisation runs below {args.results}")
+    for (experiment, dataset), group in sorted(groups.items()):
+        prefix, title = f"{experiment}_{dataset}", f"{experiment}, {dataset}"
+        in_sensitivity = [run for run in group if setting_of(run) is not None]
+        if in_sensitivity:
+            sensitivity_figure(report, prefix, title, in_sensitivity, dataset)
+        main_style = [run for run in group if setting_of(run) is None]
+        if main_style:
+            main_figures(report, prefix, title, main_style, dataset)
+    for what, why in [
+        ("hypergradient comparison", "not produced by this version of paper_plots.py"),
+        ("proof-of-concept (lr, weight decay) plot", "not produced by this version of paper_plots.py"),
+        ("best-so-far against wall time with Bayesian optimisation", "not produced by this version of paper_plots.py"),
+        ("meta-dataset scaling figure", "made by meta_scaling.py")]:
+        report.skip(what, why)
+    path = report.write(args.results)
+    for line in report.skipped:
+        print(f"skipped {line[2:]}")
+    print(f"wrote {len(report.sections)} sections to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
