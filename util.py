@@ -251,29 +251,39 @@ def _latest_per_step(events: list[tuple]) -> list[tuple]:
 
 
 def _to_archive(scalars: dict[str, Scalar], histograms: dict[str, Histogram]) -> dict[str, np.ndarray]:
-    arrays = {"scalar_tags": np.array(list(scalars), dtype=str),
-              "histogram_tags": np.array(list(histograms), dtype=str)}
-    for index, scalar in enumerate(scalars.values()):
-        arrays[f"scalar_{index}"] = np.stack([scalar.steps.astype(np.float64), scalar.values, scalar.wall_times])
-    for index, histogram in enumerate(histograms.values()):
-        arrays[f"histogram_{index}_steps"] = histogram.steps
-        arrays[f"histogram_{index}_sizes"] = np.array([len(limits) for limits in histogram.limits], dtype=np.int64)
-        arrays[f"histogram_{index}_limits"] = np.concatenate(histogram.limits) if histogram.limits else np.zeros(0)
-        arrays[f"histogram_{index}_counts"] = np.concatenate(histogram.counts) if histogram.counts else np.zeros(0)
-    return arrays
+    """Few, flat arrays (each archive member costs a lookup when read): every scalar's rows side
+    by side with their lengths, likewise every histogram's buckets."""
+    limits = [limit for histogram in histograms.values() for limit in histogram.limits]
+    counts = [count for histogram in histograms.values() for count in histogram.counts]
+    return {
+        "scalar_tags": np.array(list(scalars), dtype=str),
+        "scalar_sizes": np.array([len(scalar.steps) for scalar in scalars.values()], dtype=np.int64),
+        "scalar_data": np.concatenate([np.stack([scalar.steps.astype(np.float64), scalar.values, scalar.wall_times])
+                                       for scalar in scalars.values()], axis=1) if scalars else np.zeros((3, 0)),
+        "histogram_tags": np.array(list(histograms), dtype=str),
+        "histogram_sizes": np.array([len(histogram.steps) for histogram in histograms.values()], dtype=np.int64),
+        "histogram_steps": np.concatenate([h.steps for h in histograms.values()]) if histograms else np.zeros(0),
+        "bucket_sizes": np.array([len(limit) for limit in limits], dtype=np.int64),
+        "bucket_limits": np.concatenate(limits) if limits else np.zeros(0),
+        "bucket_counts": np.concatenate(counts) if counts else np.zeros(0),
+    }
 
 
 def _from_archive(archive: np.lib.npyio.NpzFile) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
-    scalars = {}
-    for index, tag in enumerate(archive["scalar_tags"].tolist()):
-        steps, values, wall_times = archive[f"scalar_{index}"]
+    arrays = {name: archive[name] for name in archive.files}     # each member read once
+    data, sizes = arrays["scalar_data"], arrays["scalar_sizes"]
+    scalars, end = {}, 0
+    for tag, size in zip(arrays["scalar_tags"].tolist(), sizes, strict=True):
+        steps, values, wall_times = data[:, end:end + size]
         scalars[tag] = Scalar(steps.astype(np.int64), values, wall_times)
-    histograms = {}
-    for index, tag in enumerate(archive["histogram_tags"].tolist()):
-        splits = np.cumsum(archive[f"histogram_{index}_sizes"])[:-1]
-        histograms[tag] = Histogram(archive[f"histogram_{index}_steps"],
-                                    np.split(archive[f"histogram_{index}_limits"], splits),
-                                    np.split(archive[f"histogram_{index}_counts"], splits))
+        end += size
+    bucket_splits = np.cumsum(arrays["bucket_sizes"])[:-1]
+    limits, counts = np.split(arrays["bucket_limits"], bucket_splits), np.split(arrays["bucket_counts"], bucket_splits)
+    histograms, first = {}, 0
+    for tag, size in zip(arrays["histogram_tags"].tolist(), arrays["histogram_sizes"], strict=True):
+        histograms[tag] = Histogram(arrays["histogram_steps"][first:first + size].astype(np.int64),
+                                    limits[first:first + size], counts[first:first + size])
+        first += size
     return scalars, histograms
 
 
