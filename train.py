@@ -298,6 +298,7 @@ class Learner:
                     self.status = "diverged"
                     break
                 self.algorithm.hyper_step(self, stepper)
+                self._window_hyperparameters |= self.algorithm.last_hypergradients
             self.hyperparameters.end_window()
             self.windows_done += 1
             if self.after_window is not None:

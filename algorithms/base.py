@@ -43,6 +43,7 @@ class HyperOptimiser:
     def __init__(self, cfg: Config, learner: Learner):
         self.cfg = cfg
         self.hyperparameters = learner.hyperparameters
+        self.last_hypergradients: dict[str, float] = {}   # of the last hyper step, as log tags
 
     def start_window(self, learner: Learner, window: int) -> None:
         """Called before each window's first weight step."""
@@ -87,5 +88,6 @@ class GradientHyperOptimiser(HyperOptimiser):
 
     def hyper_step(self, learner: Learner, stepper: Stepper) -> None:
         grads = self.hypergradient(learner, stepper)
+        self.last_hypergradients = self.hyperparameters.summed_by_tag(grads, "Hypergradient")
         self.rule.update_(self.hyperparameters.leaves(), grads, self.rule_state, self.rule_hyperparameters)
         self.hyperparameters.clip_()

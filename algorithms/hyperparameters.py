@@ -121,6 +121,17 @@ class Hyperparameters:
             self.constants["lr"] = min(max(self.constants["lr"] * self.lr_multiplier, low), high)
 
     @torch.no_grad()
+    def summed_by_tag(self, per_leaf: list[torch.Tensor], prefix: str) -> dict[str, float]:
+        """Tensors aligned with `leaves()` (e.g. hypergradients) summed per hyperparameter, as
+        `prefix/Name` tags (a high-dimensional one's sum is the derivative for a common shift)."""
+        sums, first = {}, 0
+        for name, raw in self.raw.items():
+            count = len(raw) if isinstance(raw, list) else 1
+            sums[f"{prefix}/{name.title()}"] = float(sum(t.sum() for t in per_leaf[first:first + count]))
+            first += count
+        return sums
+
+    @torch.no_grad()
     def log_values(self) -> dict[str, float]:
         """Natural values for TensorBoard; a high-dimensional one as its mean over all elements."""
         values = {}

@@ -215,3 +215,15 @@ def test_per_element_learning_rates_are_logged_as_histograms(tmp_path, data_dir)
     assert [h.step for h in histograms] == [0, 1, 2, 3, 4]
     assert histograms[0].histogram_value.num == 8 * 50 + 50 + 50 + 1     # one lr per weight element
     assert histograms[-1].histogram_value.max > histograms[-1].histogram_value.min
+
+
+def test_hypergradients_are_logged_with_each_hyperparameter_step(tmp_path):
+    """With plain SGD on log10 lr, each logged hypergradient is the step the lr took, over -step size."""
+    run(tmp_path, "diabetes.yaml", "Ours_LR_Momentum.yaml",
+        overrides=["hyperparameter_steps=6", "tuning.optimiser=sgd", "tuning.lr=0.01", "dtype=float64"])
+    record = only_run(tmp_path / "runs")
+    lrs = record.scalars["Last_Hyperparameter/Lr"].values
+    logged = record.scalars["Last_Hypergradient/Lr"].values
+    assert len(logged) == 6 and np.all(logged != 0)
+    np.testing.assert_allclose(logged[:-1], -np.diff(np.log10(lrs)) / 0.01, rtol=1e-3)
+    assert {"Last_Hypergradient/Weight_Decay", "Last_Hypergradient/Momentum"} <= set(record.scalars)
