@@ -197,6 +197,47 @@ def hypergradient_comparison(report: Report, prefix: str, title: str, runs: list
     return made
 
 
+def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Run], dataset: str) -> None:
+    """Ours_LR's (lr, weight decay) trajectories over a Gaussian-process interpolation of the final
+    test loss of fixed-hyperparameter Random runs started across the same space."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, WhiteKernel
+
+    import bayesopt
+    tag, label = headline(dataset)
+    random = [run for run in runs if run.config["algorithm"] == "Random"]
+    ours = [run for run in runs if run.config["algorithm"] == "Ours_LR"]
+    if len(random) < 10 or not ours:
+        report.skip(f"{title}: proof-of-concept plot", f"needs at least 10 Random runs and some Ours_LR runs "
+                    f"(has {len(random)} and {len(ours)})")
+        return
+    inputs = np.array([[math.log10(run.config["optimiser"]["lr"]), math.log10(run.config["optimiser"]["weight_decay"])]
+                       for run in random])
+    finals = np.array([figures.final_value(run, tag) for run in random])
+    cap = bayesopt.CAPS.get(dataset, np.nanmax(finals[np.isfinite(finals)], initial=1.0))
+    targets = np.log10(np.clip(np.where(np.isfinite(finals), finals, cap), 1e-12, cap))
+    process = GaussianProcessRegressor(RBF([1.0, 1.0]) + WhiteKernel(), normalize_y=True, random_state=0)
+    process.fit(inputs, targets)
+    low, high = inputs.min(axis=0), inputs.max(axis=0)
+    grid = np.stack(np.meshgrid(np.linspace(low[0], high[0], 100), np.linspace(low[1], high[1], 100)), axis=-1)
+    surface = process.predict(grid.reshape(-1, 2)).reshape(100, 100)
+    figure, axes = figures.new_figure(width=5.0, height=4.0)
+    contours = axes.contourf(grid[..., 0], grid[..., 1], surface, levels=20, cmap="viridis")
+    figure.colorbar(contours, ax=axes, label=f"log10 {label} (Random, GP fit)")
+    for run in ours[:20]:
+        lr, decay = run.scalars.get("Last_Hyperparameter/Lr"), run.scalars.get("Last_Hyperparameter/Weight_Decay")
+        if lr is not None and decay is not None:
+            axes.plot(np.log10(lr.values), np.log10(decay.values), color="white", linewidth=0.8)
+            axes.plot(np.log10(lr.values[:1]), np.log10(decay.values[:1]), "o", color="white", markersize=3)
+    axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), xlabel="log10 learning rate",
+             ylabel="log10 weight decay")
+    axes.grid(False)
+    report.add(f"{title}: proof of concept", f"Background: a Gaussian-process fit (RBF + white noise) of the log10 "
+               f"{label} of {len(random)} Random runs over their fixed (lr, weight decay); diverged runs count as "
+               f"{cap:g}. Lines: {min(len(ours), 20)} Ours_LR runs' hyperparameters during training, from the dots.",
+               figures.save(figure, report.out / f"{prefix}_proof_of_concept"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="a results folder (e.g. runs/paper)")
@@ -224,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         main_style = [run for run in group if setting_of(run) is None]
         if main_style:
             main_figures(report, prefix, title, main_style, dataset)
+            proof_of_concept(report, prefix, title, main_style, dataset)
     for what, why in [
-        ("proof-of-concept (lr, weight decay) plot", "not produced by this version of paper_plots.py"),
         ("best-so-far against wall time with Bayesian optimisation", "not produced by this version of paper_plots.py"),
         ("meta-dataset scaling figure", "made by meta_scaling.py")]:
         report.skip(what, why)

@@ -73,11 +73,14 @@ def status_of(run_dir: Path) -> str | None:
 # -------------------------------------------------------------------------------------------------
 # Initialisations: lists of {config key: value}, each run once per dataset and algorithm.
 
-def natural_sgd(count: int, seed: int) -> list[dict]:
-    """The paper's ranges: log10 lr ~ U[-6, -1], log10 weight decay ~ U[-7, -2], momentum ~ U[0, 1),
-    an lr multiplier ~ U[0.95, 1.01] (used by Random_SteppedLR only), and a model seed."""
+def natural_sgd(count: int, seed: int, log10_lr: tuple[float, float] = (-6, -1),
+                log10_weight_decay: tuple[float, float] = (-7, -2)) -> list[dict]:
+    """The paper's ranges: log10 lr ~ U[-6, -1], log10 weight decay ~ U[-7, -2] (or the ranges
+    given), momentum ~ U[0, 1), an lr multiplier ~ U[0.95, 1.01] (used by Random_SteppedLR only),
+    and a model seed."""
     rng = np.random.default_rng(seed)
-    return [{"optimiser.lr": 10 ** rng.uniform(-6, -1), "optimiser.weight_decay": 10 ** rng.uniform(-7, -2),
+    return [{"optimiser.lr": 10 ** rng.uniform(*log10_lr),
+             "optimiser.weight_decay": 10 ** rng.uniform(*log10_weight_decay),
              "optimiser.momentum": rng.uniform(0, 1), MULTIPLIER: rng.uniform(0.95, 1.01),
              "seed": int(rng.integers(2**31))} for _ in range(count)]
 

@@ -47,6 +47,8 @@ class Experiment:
     replays: str | None = None              # the experiment whose initialisations are replayed
     settings: tuple[tuple[str, dict], ...] = (("", {}),)
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)   # algorithm (or "*") -> key=value
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # natural_sgd's log10 ranges, if others
+    capped: dict[str, int] = field(default_factory=dict)   # algorithm -> at most this many initialisations
     runner: str = "batch"                   # batch, bayesopt, or a separate entry point (named)
 
     def points(self, results: Path, reps: int | None, seed: int) -> list[dict]:
@@ -55,7 +57,7 @@ class Experiment:
             return parallel_exec.replay(results / self.replays)[:count]
         if self.generator == "iterations":
             return parallel_exec.iterations(self.repetitions, seed)[:count]
-        return parallel_exec.natural_sgd(self.repetitions, seed)[:count]
+        return parallel_exec.natural_sgd(self.repetitions, seed, **self.ranges)[:count]
 
     def jobs(self, name: str, results: Path, reps: int | None = None, seed: int = 0,
              extra: tuple[str, ...] = ()) -> list[parallel_exec.Job]:
@@ -63,9 +65,10 @@ class Experiment:
         jobs = []
         for algorithm in self.algorithms:
             overrides = self.overrides.get("*", ()) + self.overrides.get(algorithm, ()) + extra
+            mine = points[:self.capped.get(algorithm, len(points))]
             jobs += parallel_exec.make_jobs(self.datasets, [algorithm],
                                             [(setting, point | values) for setting, values in self.settings
-                                             for point in points], overrides, prefix=name)
+                                             for point in mine], overrides, prefix=name)
         return jobs
 
 
@@ -87,6 +90,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         "first hypergradients of Ours and Diff-through-Opt from the same points, per (T, i)", ("uci_energy",),
         ("Ours_LR_Momentum", "DiffThroughOpt"), 50, settings=SENSITIVITY,
         overrides={"*": ("hyperparameter_steps=2", "optimiser.lr_bounds=[1e-30, 1e30]")}),
+    "proof_of_concept": Experiment(
+        "Random over wide (lr, weight decay) ranges, and Ours_LR from the first 50 of the same points, on UCI Energy",
+        ("uci_energy",), ("Random", "Ours_LR"), 500, ranges={"log10_lr": (-6, 1), "log10_weight_decay": (-7, 2)},
+        capped={"Ours_LR": 50}),
     "long_dto_standalone": Experiment(
         "Long Diff-through-Opt (whole 200-step runs) against 200-step runs of the others",
         ("uci_energy", "uci_kin8nm", "uci_power"),
