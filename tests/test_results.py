@@ -164,7 +164,8 @@ def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path,
     assert "Random_3Batched" in report and "0/2 |" in report          # 6 Random_Validation runs: 2 triples
     assert "![main, uci_energy: CDF](main_uci_energy_cdf.png)" in report
     assert "sensitivity" not in report.lower().split("## not made")[0]
-    assert "skipped proof-of-concept" in capsys.readouterr().out
+    assert "proof-of-concept plot: needs at least 10 Random runs and some Ours_LR runs (has 4 and 0)" in \
+        capsys.readouterr().out
 
 
 def test_paper_plots_says_what_it_could_not_make(tmp_path, capsys):
