@@ -27,6 +27,7 @@ ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Vali
                    "LongDiffThroughOpt_UCI_Standalone", "LongDiffThroughOpt_UCI_Full",
                    "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium")
 BOOTSTRAP_SAMPLES = 1000
+BAYESOPT = "Bayesian optimisation"
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 # -------------------------------------------------------------------------------------------------
 # Figures: one colour per algorithm everywhere.
 
-def colour(algorithm: str) -> tuple:
+def colour(algorithm: str) -> tuple | str:
+    if algorithm == BAYESOPT:
+        return "black"
     palette = plt.get_cmap("tab20").colors
     index = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else hash(algorithm) % len(palette)
     return palette[index % len(palette)]

@@ -238,6 +238,50 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
                figures.save(figure, report.out / f"{prefix}_proof_of_concept"))
 
 
+def repetition_of(run: util.Run) -> tuple[str, int] | None:
+    """(repetition folder, evaluation number) of a Bayesian-optimisation run, else None."""
+    parent = run.path.parent.name
+    return (str(run.path.parent), int(run.path.name)) if parent.startswith("repetition_") else None
+
+
+def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], others: list[util.Run]) -> None:
+    """Best-so-far test value of Bayesian optimisation against its cumulative training time (the
+    test value of the run with the best validation objective so far; median over repetitions),
+    beside the other algorithms' test curves against elapsed time."""
+    import bayesopt
+    tag, label = headline(dataset)
+    by_repetition: dict[str, list[util.Run]] = {}
+    for run in sorted(sequences, key=repetition_of):
+        by_repetition.setdefault(repetition_of(run)[0], []).append(run)
+    curves = []
+    for runs in by_repetition.values():
+        times = np.cumsum([run.metrics.get("train_seconds", 0.0) for run in runs])
+        objectives = np.array([bayesopt.objective(run.metrics) for run in runs])
+        objectives[~np.isfinite(objectives)] = np.inf
+        best = np.minimum.accumulate(objectives)
+        chosen = [int(np.flatnonzero(objectives == value)[0]) for value in best]
+        curves.append((times, np.array([figures.final_value(runs[index], tag) for index in chosen])))
+    end = max(times[-1] for times, _ in curves)
+    grid = np.linspace(0.0, end, 1000)
+    values = np.array([np.where(grid >= times[0], values[np.clip(np.searchsorted(times, grid, side="right") - 1,
+                                                                  0, None)], np.nan) for times, values in curves])
+    figure, axes = figures.new_figure()
+    per_step = "Loss/Test" if tag != "Unnormalised_Loss/Test" else tag
+    others_by_algorithm: dict[str, list[util.Run]] = {}
+    for run in sorted(others, key=lambda run: figures.order_key(run.config["algorithm"])):
+        others_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
+    envelopes = {algorithm: figures.on_time_grid(group, per_step) for algorithm, group in others_by_algorithm.items()}
+    envelopes[figures.BAYESOPT] = (grid, values)
+    figures.plot_envelopes(axes, envelopes, "wall time (s)", label)
+    axes.set_xscale("symlog", linthresh=0.1)
+    report.add(f"Bayesian optimisation, {dataset}: best so far against time",
+               f"Bayesian optimisation ({len(curves)} repetitions): the {label} of the run with the best validation "
+               f"objective so far, against the cumulative training time of its sequence; the other algorithms: their "
+               f"{per_step} during one run against its elapsed time. Medians, with the central 68% of bootstrap "
+               f"medians.",
+               figures.save(figure, report.out / f"bayesopt_{dataset}_best_so_far"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="a results folder (e.g. runs/paper)")
@@ -253,7 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     groups = group_runs(runs)
     if not groups:
         report.skip("everything", f"no finished hyperparameter-optimisation runs below {args.results}")
+    sequences = {key: [run for run in group if repetition_of(run)] for key, group in groups.items()}
+    for (experiment, dataset), found in sequences.items():
+        if found:
+            others = [run for (_, other), group in groups.items() if other == dataset for run in group
+                      if not repetition_of(run) and not setting_of(run)]
+            bayesopt_figure(report, dataset, found, others)
+            groups[(experiment, dataset)] = [run for run in groups[(experiment, dataset)] if not repetition_of(run)]
+    if not any(sequences.values()):
+        report.skip("best-so-far against wall time with Bayesian optimisation", "no Bayesian-optimisation runs "
+                    "(<dataset>/repetition_<r>/<k> folders, as bayesopt.py writes them)")
     for (experiment, dataset), group in sorted(groups.items()):
+        if not group:
+            continue
         prefix, title = f"{experiment}_{dataset}", f"{experiment}, {dataset}"
         in_grid = [run for run in group if setting_of(run) is not None]
         compared = in_grid and hypergradient_comparison(report, prefix, title, in_grid)
@@ -267,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
             main_figures(report, prefix, title, main_style, dataset)
             proof_of_concept(report, prefix, title, main_style, dataset)
     for what, why in [
-        ("best-so-far against wall time with Bayesian optimisation", "not produced by this version of paper_plots.py"),
         ("meta-dataset scaling figure", "made by meta_scaling.py")]:
         report.skip(what, why)
     path = report.write(args.results)
