@@ -58,7 +58,8 @@ def adapted_boundaries(run_dir: Path, count: int) -> tuple[torch.Tensor, torch.T
         return saved["X"], saved["Y"], [module() for _ in range(count)]
 
 
-def figure(results: dict[int, list[tuple[int, float, Path]]], out: Path) -> None:
+def figure(results: dict[int, list[tuple[int, float, Path]]], stem: Path) -> list[Path]:
+    """Write the figure as stem.png and stem.pdf; returns their paths."""
     sizes = sorted(results)
     fig, axes = plt.subplots(1, len(sizes) + 1, figsize=(3.2 * (len(sizes) + 1), 3.4))
     for ax, size in zip(axes, sizes, strict=False):
@@ -88,8 +89,11 @@ def figure(results: dict[int, list[tuple[int, float, Path]]], out: Path) -> None
     ax.set_title("1000 fresh classifiers,\n500 outer steps", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    for suffix in ("png", "pdf"):
-        fig.savefig(out / f"figure.{suffix}", dpi=130)
+    paths = [stem.with_suffix(suffix) for suffix in (".png", ".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return paths
 
 
 def table(results: dict[int, list[tuple[int, float, Path]]]) -> str:
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy = util.get_tags(run_dir).popitem()[1].metrics["final"]["Meta/Adapted_Accuracy"]
             results.setdefault(size, []).append((seed, accuracy, run_dir))
             print(f"world size {size}, seed {seed}: accuracy {accuracy:.3f}", flush=True)
-    figure(results, args.out)
+    figure(results, args.out / "figure")
     summary = table(results)
     (args.out / "results.md").write_text(summary + "\n")
     print(f"\n{summary}\n\nwrote {args.out / 'figure.png'}, {args.out / 'figure.pdf'}, {args.out / 'results.md'}")
