@@ -105,13 +105,18 @@ def order_key(algorithm: str) -> tuple[int, str]:
 
 def results_table(summaries: dict[str, Summary], scale: float = 1.0) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, rows and LaTeX rows of one dataset's table: mean, median (each +- bootstrap s.e.),
-    best and diverged count per algorithm. The lowest mean and median, and any within one
-    standard error of them, are marked (Markdown bold, LaTeX \\textbf)."""
+    best and diverged count per algorithm. The lowest mean and median, and any within the best's
+    standard error of it, are marked (Markdown bold, LaTeX \\textbf)."""
+    def finite_or_zero(value: float) -> float:
+        return value if math.isfinite(value) else 0.0
+
     def marked(name: str, value: float, error: float, field: str) -> tuple[str, bool]:
-        values = [(getattr(s, field), getattr(s, field + "_se")) for s in summaries.values() if s.runs]
-        best, best_error = min(values) if values else (math.nan, math.nan)
-        text = f"{value * scale:.4g} ± {error * scale:.2g}" if math.isfinite(value) else "-"
-        return text, math.isfinite(value) and value - (error if math.isfinite(error) else 0) <= best + best_error
+        values = [(getattr(s, field), finite_or_zero(getattr(s, field + "_se"))) for s in summaries.values() if s.runs]
+        best, best_error = min(values) if values else (math.nan, 0.0)
+        if not math.isfinite(value):
+            return "-", False
+        text = f"{value * scale:.4g} ± {error * scale:.2g}" if math.isfinite(error) else f"{value * scale:.4g}"
+        return text, value <= best + best_error
     header = ["algorithm", "mean ± s.e.", "median ± s.e.", "best", "diverged"]
     rows, latex = [], []
     for name, summary in summaries.items():
