@@ -101,7 +101,8 @@ def main_figures(report: Report, prefix: str, title: str, runs: list[util.Run], 
     (report.out / f"{prefix}_table.tex").write_text("\n".join(latex) + "\n")
     report.add(f"{title}: results table", f"{label}: mean and median over initialisations (± bootstrap standard "
                f"error, 1000 resamples), best, and diverged runs (left out); bold: the best, or within the "
-               f"best's standard error of it. LaTeX rows: {prefix}_table.tex.", text=figures.markdown_table(header, rows))
+               f"best's standard error of it. LaTeX rows: {prefix}_table.tex.",
+               text=figures.markdown_table(header, rows))
 
     figure, axes = figures.new_figure()
     figures.plot_cdfs(axes, finals, label)
