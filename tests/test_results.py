@@ -128,10 +128,13 @@ def test_three_batching_keeps_the_best_validation_run_of_each_triple():
     assert len(figures.three_batched(test[:8], validation[:8])) == 2       # leftovers are dropped
 
 
-def write_run(run_dir, algorithm: str, final_test: float, lr_path: list[float], seconds: float) -> None:
+def write_run(run_dir, algorithm: str, final_test: float, lr_path: list[float], seconds: float,
+              seed: int = 0, windows: int = 5, extra: dict | None = None) -> None:
     """A synthetic run directory with known values, written as the framework writes one."""
     run_dir.mkdir(parents=True)
-    config = {"task": "hyperparameter_optimisation", "algorithm": algorithm, "dataset": {"name": "uci_energy"}}
+    config = {"task": "hyperparameter_optimisation", "algorithm": algorithm, "dataset": {"name": "uci_energy"},
+              "seed": seed, "hyperparameter_steps": windows,
+              "optimiser": {"lr": lr_path[0], "weight_decay": 10 ** -(seed % 5 + 2)}}
     (run_dir / "config.json").write_text(json.dumps(config))
     final = {"Unnormalised_Loss/Test": final_test, "Loss/Validation": final_test / 10}
     (run_dir / "metrics.json").write_text(json.dumps({"status": "completed", "final": final,
@@ -140,7 +143,8 @@ def write_run(run_dir, algorithm: str, final_test: float, lr_path: list[float], 
     for step in range(0, 101, 10):
         log.scalars(step, {"Unnormalised_Loss/Test": final_test * (1 + (100 - step) / 10)})
     for window, lr in enumerate(lr_path):
-        log.scalars(window, {"Last_Hyperparameter/Lr": lr})
+        log.scalars(window, {"Last_Hyperparameter/Lr": lr, "Last_Hyperparameter/Weight_Decay": 1e-3 * (window + 1),
+                             **(extra or {})})
     log.close()
 
 
@@ -176,3 +180,33 @@ def test_paper_plots_says_what_it_could_not_make(tmp_path, capsys):
     assert "## Not made" in report and "no finished hyperparameter-optimisation runs" in report
     assert paper_plots.main([str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_paper_plots_makes_the_study_figures_from_their_runs(tmp_path, capsys):
+    """Sensitivity grid, hypergradient comparison, proof of concept and Bayesian optimisation."""
+    import paper_plots
+    root = tmp_path / "results"
+    for steps, terms in [(1, 1), (2, 1), (2, 2)]:
+        for seed in range(3):
+            group = f"Update{steps}_Rollback{terms}"
+            # Sensitivity runs (5 windows) and comparison runs (2 windows, Ours 10% off DTO's hypergradient).
+            write_run(root / "sensitivity" / "uci_energy" / "Ours_LR_Momentum" / group / f"r{seed}",
+                      "Ours_LR_Momentum", steps + terms + seed, [1e-3] * 5, 1.0, seed)
+            for algorithm, scale in (("Ours_LR_Momentum", 1.1), ("DiffThroughOpt", 1.0)):
+                write_run(root / "comparison" / "uci_energy" / algorithm / group / f"r{seed}", algorithm, 1.0,
+                          [1e-3, 2e-3], 1.0, seed, windows=2, extra={"Last_Hypergradient/Lr": 0.5 * scale})
+    for seed in range(12):
+        write_run(root / "concept" / "uci_energy" / "Random" / f"r{seed}", "Random", 1.0 + seed, [10 ** -(seed % 6)],
+                  1.0, seed)
+    write_run(root / "concept" / "uci_energy" / "Ours_LR" / "r0", "Ours_LR", 0.5, [1e-3, 3e-3, 1e-2], 1.0)
+    for k in range(4):
+        write_run(root / "bayesopt" / "uci_energy" / "repetition_0" / f"{k:02d}", "Random_Validation", 4.0 - k,
+                  [1e-3], 2.0, seed=k)
+    assert paper_plots.main([str(root), "--out", str(tmp_path / "paper")]) == 0
+    out, report = tmp_path / "paper", (tmp_path / "paper" / "report.md").read_text()
+    for name in ("sensitivity_uci_energy_sensitivity_Ours_LR_Momentum", "comparison_uci_energy_hypergradient_error_Lr",
+                 "concept_uci_energy_proof_of_concept", "bayesopt_uci_energy_best_so_far"):
+        assert (out / f"{name}.png").stat().st_size > 5000 and (out / f"{name}.pdf").is_file(), name
+    assert "median over 9 pairs" in report                # 3 settings x 3 seeds of Ours against DTO
+    assert "Bayesian optimisation (1 repetitions)" in report
+    assert "skipped meta-dataset scaling figure" in capsys.readouterr().out
