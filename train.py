@@ -520,6 +520,7 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
         if context.is_rank0:
             print(summary(run_dir, cfg, metrics), flush=True)
+        distributed.shutdown(finished=True)
     except Exception as error:
         # Said here, as it happens: the launcher may first hear of another rank's consequent failure.
         print(f"train.py: error on rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
@@ -560,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch(cfg, args.nproc, args.save_state, args.load_state, args.checkpoint_every)
         try:
             run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every)
+            distributed.shutdown(finished=True)
         finally:
             distributed.shutdown()
     except ConfigError as error:

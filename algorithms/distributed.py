@@ -80,8 +80,14 @@ def init(context: Context) -> None:
         dist.init_process_group("gloo", rank=context.rank, world_size=context.world_size)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group. After a run that `finished` on every rank, the ranks first meet at
+    a barrier, so that none tears its connections down while another still uses them (gloo may
+    abort a process whose peer has gone). After a failure there is no barrier: the others may
+    never arrive."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

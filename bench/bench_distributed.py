@@ -42,6 +42,7 @@ def _rank(rank: int, world_size: int, port: int, algorithm: str, results: dict) 
             learner.run()
             if context.is_rank0:
                 results[algorithm] = (time.perf_counter() - start, dict(distributed.traffic), learner.steps_done)
+        distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
 

@@ -87,6 +87,7 @@ def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
                   "w": wrapped.module.module.w.tolist()}
         with open(f"{out}.{rank}", "w") as file:
             json.dump(result, file)
+        distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
         del context
