@@ -165,10 +165,5 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> n
     return MODELS[cfg.name](cfg, input_shape, num_outputs)
 
 
-def recurrent(model: nn.Module) -> bool:
-    """Whether `model` carries a recurrent state from batch to batch."""
-    return isinstance(model, LSTMLanguageModel)
-
-
 def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return LOSSES[name]
