@@ -21,10 +21,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# Process the raw UCI files from a local copy (omit SOURCE to download them).
+# Process the raw files from a local copy: the UCI sets, Fashion-MNIST and Penn Treebank's offline
+# variant (CIFAR-10 and the full Penn Treebank: download_and_process_data.py cifar10 penn_treebank).
 SOURCE ?= ../shared/data
 data: $(STAMP)
 	$(PY) download_and_process_data.py --source $(SOURCE)
+	$(PY) download_and_process_data.py fashion_mnist penn_treebank_small --source $(SOURCE)
 
 bench: $(STAMP)
 	$(PY) bench/bench_core.py
