@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+import config
 import parallel_exec
 from config import ConfigError
 
-BOUNDS = {"log10_lr": (-6.0, -1.0), "log10_weight_decay": (-7.0, -2.0), "momentum": (1e-6, 1 - 1e-6)}
+BOUNDS = {"log10_lr": parallel_exec.LOG10_LR, "log10_weight_decay": parallel_exec.LOG10_WEIGHT_DECAY,
+          "momentum": (1e-6, 1 - 1e-6)}      # momentum kept inside (0, 1): it is tuned as a logit
 # What a diverged run counts as (the original's caps, in the objective's units).
 CAPS = {"uci_energy": 150.0, "uci_kin8nm": 0.1, "uci_power": 400.0, "fashion_mnist": 3.0}
 
@@ -110,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", required=True, help="dataset config name, e.g. uci_energy")
     parser.add_argument("-l", "--log_root", type=Path, required=True, metavar="DIR", help="results folder")
-    parser.add_argument("--repetitions", type=int, default=1, help="independent sequences (default 1)")
-    parser.add_argument("--initial", type=int, default=5, help="uniformly drawn points first (default 5)")
+    parser.add_argument("--repetitions", type=config.positive_int, default=1, help="independent sequences (default 1)")
+    parser.add_argument("--initial", type=config.positive_int, default=5,
+                        help="uniformly drawn points first (default 5)")
     parser.add_argument("--guided", type=int, default=25, help="GP-proposed points after them (default 25)")
     parser.add_argument("--cap", type=float, help="loss that a diverged run counts as (default: per dataset)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel sequences")
+    parser.add_argument("--workers", type=config.positive_int, default=os.cpu_count() or 1, help="parallel sequences")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="train.py override for every run; repeatable")
     args = parser.parse_args(argv)

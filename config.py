@@ -479,7 +479,7 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -496,12 +496,12 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                         help="config files, deep-merged in order (later wins)")
     for flags, key, kind, text in _FLAGS:
         parser.add_argument(*flags, dest=key, type=kind, default=None, help=f"sets {key}: {text}")
-    parser.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                         help="data-parallel processes on this machine (gloo on CPU); batch_size stays the "
                              "global batch. Under torchrun, leave this out")
     parser.add_argument("-S", "--save_state", metavar="FILE",
                         help="write a checkpoint of the complete training state to FILE at the end")
-    parser.add_argument("--checkpoint_every", type=_positive_int, metavar="K",
+    parser.add_argument("--checkpoint_every", type=positive_int, metavar="K",
                         help="with -S FILE, also write FILE (atomically) every K hyperparameter steps, so that "
                              "a killed run can be resumed with -s FILE")
     parser.add_argument("-s", "--load_state", metavar="FILE",

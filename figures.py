@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def colour(algorithm: str) -> tuple | str:
     if algorithm == BAYESOPT:
         return "black"
     palette = plt.get_cmap("tab20").colors
-    index = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else hash(algorithm) % len(palette)
+    # Unknown names by a stable checksum (Python's str hash differs from process to process).
+    index = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else zlib.crc32(algorithm.encode())
     return palette[index % len(palette)]
 
 

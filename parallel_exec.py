@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 import config
+import util
 from config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -40,6 +41,8 @@ FINISHED = ("completed", "diverged")
 # Keys that say where a run logs, not what it computes: left out of its identity.
 LOCATION_KEYS = ("log_root", "run_group_name", "run_name")
 MULTIPLIER = "optimiser.lr_multiplier"      # a fixed lr schedule: only for the algorithm that has one
+# The paper's ranges of initial hyperparameters (lr and weight decay as log10).
+LOG10_LR, LOG10_WEIGHT_DECAY, MOMENTUM = (-6.0, -1.0), (-7.0, -2.0), (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -73,15 +76,15 @@ def status_of(run_dir: Path) -> str | None:
 # -------------------------------------------------------------------------------------------------
 # Initialisations: lists of {config key: value}, each run once per dataset and algorithm.
 
-def natural_sgd(count: int, seed: int, log10_lr: tuple[float, float] = (-6, -1),
-                log10_weight_decay: tuple[float, float] = (-7, -2)) -> list[dict]:
+def natural_sgd(count: int, seed: int, log10_lr: tuple[float, float] = LOG10_LR,
+                log10_weight_decay: tuple[float, float] = LOG10_WEIGHT_DECAY) -> list[dict]:
     """The paper's ranges: log10 lr ~ U[-6, -1], log10 weight decay ~ U[-7, -2] (or the ranges
     given), momentum ~ U[0, 1), an lr multiplier ~ U[0.95, 1.01] (used by Random_SteppedLR only),
     and a model seed."""
     rng = np.random.default_rng(seed)
     return [{"optimiser.lr": 10 ** rng.uniform(*log10_lr),
              "optimiser.weight_decay": 10 ** rng.uniform(*log10_weight_decay),
-             "optimiser.momentum": rng.uniform(0, 1), MULTIPLIER: rng.uniform(0.95, 1.01),
+             "optimiser.momentum": rng.uniform(*MOMENTUM), MULTIPLIER: rng.uniform(0.95, 1.01),
              "seed": int(rng.integers(2**31))} for _ in range(count)]
 
 
@@ -153,9 +156,8 @@ def run_job(job: Job, root: Path) -> tuple[str, str]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
         if not (run_dir / "config.json").is_file():
-            (run_dir / "config.json").write_text(json.dumps({"files": job.files, "overrides": job.overrides}))
-        metrics = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            util.write_json(run_dir / "config.json", {"files": job.files, "overrides": job.overrides})
+        util.write_json(run_dir / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
         return "failed", str(run_dir)
 
 
@@ -266,7 +268,8 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     return counts
 
 
-SEARCH_RANGES = {"lr": (1e-6, 1e-1), "weight_decay": (1e-7, 1e-2), "momentum": (0.0, 1.0)}
+SEARCH_RANGES = {"lr": tuple(10**end for end in LOG10_LR), "weight_decay": tuple(10**end for end in LOG10_WEIGHT_DECAY),
+                 "momentum": MOMENTUM}
 
 
 def search_space() -> dict:
@@ -315,7 +318,6 @@ def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], chec
     from ray import tune
 
     import train
-    import util
     values = {f"optimiser.{name}": trial[name] for name in SEARCH_RANGES} | {"seed": trial["seed"]}
     cfg = config.load_from(list(files), overrides=[f"{key}={value!r}" for key, value in values.items()]
                            + [*extra, "log_every=1"])
@@ -329,11 +331,10 @@ def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], chec
                                        {name: getattr(cfg.optimiser, name) for name in SEARCH_RANGES})
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+    util.write_json(run_dir / "config.json", config.to_dict(cfg))    # after a PBT exploit: the new values
     if restored is not None:       # a record of what this trial continued from
-        (run_dir / f"restored_at_step_{learner.steps_done}.json").write_text(json.dumps(
-            {"from_config": state["config"], "hyperparameters_after": learner.hyperparameters.log_values()},
-            indent=2) + "\n")
+        util.write_json(run_dir / f"restored_at_step_{learner.steps_done}.json",
+                        {"from_config": state["config"], "hyperparameters_after": learner.hyperparameters.log_values()})
     reporter = learner.log = TuneReporter(util.RunLog(run_dir))
 
     def checkpoint(learner: train.Learner) -> None:
@@ -345,7 +346,7 @@ def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], chec
         metrics = learner.run()
     finally:
         reporter.close()
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    train.close_run(run_dir, reporter, metrics, cfg, learner.context)
 
 
 def tune_search(scheduler_name: str, dataset: str, algorithm: str, samples: int, root: Path, steps: int = 4000,
@@ -392,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="algorithm configs (configs/NAME.yaml)")
     parser.add_argument("--generator", choices=["natural_sgd", "replay", "sensitivity", "iterations"],
                         default="natural_sgd", help="where the initialisations come from (default natural_sgd)")
-    parser.add_argument("--count", type=int, default=1, help="initialisations to draw (default 1)")
+    parser.add_argument("--count", type=config.positive_int, default=1, help="initialisations to draw (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     parser.add_argument("--source", type=Path, metavar="DIR", help="replay: the results folder to replay")
-    parser.add_argument("--workers", type=int, help="processes (default: the number of cores)")
+    parser.add_argument("--workers", type=config.positive_int, help="processes (default: the number of cores)")
     parser.add_argument("--backend", choices=["local", "ray"], default="local",
                         help="local process pool (default), or the tasks of a running Ray cluster")
     parser.add_argument("--ray_address", default="auto", help="with --backend ray: the cluster (default auto)")

@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parse", type=Path, metavar="DIR", help="summarise the runs in a results folder")
     parser.add_argument("-l", "--results", type=Path, default=Path("runs/paper"), metavar="DIR",
                         help="results folder (default runs/paper)")
-    parser.add_argument("--reps", type=int, metavar="K", help="only the first K initialisations")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: cores)")
+    parser.add_argument("--reps", type=config.positive_int, metavar="K", help="only the first K initialisations")
+    parser.add_argument("--workers", type=config.positive_int, default=os.cpu_count() or 1,
+                        help="processes (default: cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisations (default 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py override for every run (e.g. hyperparameter_steps=50)")
