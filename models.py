@@ -162,7 +162,14 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> n
             raise ConfigError(f"model.layer_sizes = {list(cfg.layer_sizes)} does not fit the data: the dataset "
                               f"has {num_inputs} inputs and {num_outputs} outputs, so use "
                               f"[{num_inputs}, ..., {num_outputs}]")
-    return MODELS[cfg.name](cfg, input_shape, num_outputs)
+    # Initial weights are drawn in float32 whatever the process's default dtype, so that a seed gives
+    # the same network in every program (a float64 run casts them afterwards).
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return MODELS[cfg.name](cfg, input_shape, num_outputs)
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -163,13 +163,10 @@ class Learner:
             batch.carry.hidden = tuple(h.detach() for h in hidden)
         return outputs
 
-    def global_gradient(self, grads: list[torch.Tensor], differentiable: bool = False) -> list[torch.Tensor]:
+    def global_gradient(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """The weight gradient of the global batch from this rank's part, norm-clipped when
-        configured; `differentiable` keeps it on the autograd graph (tracked steps)."""
-        if differentiable:
-            grads = distributed.all_reduce_differentiable(grads, self.context)
-        else:
-            grads = distributed.all_reduce_(grads, self.context)
+        configured, kept on the autograd graph (unrolled steps)."""
+        grads = distributed.all_reduce_differentiable(grads, self.context)
         return clip_gradient_norm(grads, self.cfg.optimiser.gradient_clip)
 
     def local_loss(self, outputs: torch.Tensor, batch: datasets.Batch) -> torch.Tensor:
@@ -178,12 +175,22 @@ class Learner:
             return outputs.sum() * 0.0
         return self.loss_fn(outputs, batch.targets) * batch.fraction
 
-    def _fast_step(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """An untracked step: gradient, summed over ranks, then the rule's in-place update."""
+    def loss_gradient(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(outputs, this rank's loss, the global batch's loss gradient) at the current weights,
+        without a graph; the gradient is summed over ranks and not clipped."""
         outputs = self.forward(self.model, batch)
         loss = self.local_loss(outputs, batch)
-        grads = self.global_gradient(list(torch.autograd.grad(loss, self.params)))
-        self.rule.update_(self.params, grads, self.rule_state, self.fast_hyperparameters)
+        return outputs, loss, distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
+
+    def fast_update(self, gradient: list[torch.Tensor]) -> None:
+        """The rule's in-place update from a global loss gradient (clipped first, when configured)."""
+        gradient = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)
+        self.rule.update_(self.params, gradient, self.rule_state, self.fast_hyperparameters)
+
+    def _fast_step(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """An untracked step: gradient, summed over ranks, then the rule's in-place update."""
+        outputs, loss, gradient = self.loss_gradient(batch)
+        self.fast_update(gradient)
         return outputs, loss
 
     def weight_step(self, stepper: Stepper) -> tuple[torch.Tensor, datasets.Batch, torch.Tensor]:
@@ -293,12 +300,13 @@ class Learner:
             with self.algorithm.tracking(self) as stepper:
                 for s in range(T - tracked, T):
                     loss = self._logged_step(h, s, stepper)
-                last_loss = distributed.all_reduce_([loss.detach().reshape(1)], self.context)[0].item()
+                last_loss = distributed.all_reduce_([loss.reshape(1)], self.context)[0].item()
                 if not math.isfinite(last_loss):
                     self.status = "diverged"
                     break
                 self.algorithm.hyper_step(self, stepper)
                 self._window_hyperparameters |= self.algorithm.last_hypergradients
+            del stepper                   # with the graph of its steps: none outlives its window
             self.hyperparameters.end_window()
             self.windows_done += 1
             if self.after_window is not None:
@@ -321,7 +329,7 @@ class Learner:
                 self._log(step, scalars | self._window_hyperparameters)
             if closes_previous:
                 self._log_last(h - 1, scalars | self._previous_window_hyperparameters)
-        return step_result[-1]
+        return step_result[-1].detach()     # (no graph outlives its window)
 
     def finish(self, train_seconds: float) -> dict:
         """Measure the final weights on whole splits, log them at step H*T (and as the last

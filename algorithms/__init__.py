@@ -2,14 +2,15 @@
 
 Names differ by configuration as well as by code: the four Random baselines share one class and
 differ in their YAML (validation split, full validation evaluation, lr multiplier); Ours_*,
-Lorraine and Baydin are settings of the implicit optimiser; Diff-through-Opt and its Long variants
-settings of the unrolled one.
+Lorraine and Baydin_Exact are settings of the implicit optimiser; Diff-through-Opt and its Long
+variants settings of the unrolled one. Baydin is the paper's hypergradient descent, its own class.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from algorithms.base import HyperOptimiser
+from algorithms.baydin import BaydinHyperOptimiser
 from algorithms.implicit import ImplicitHyperOptimiser
 from algorithms.unrolled import UnrolledHyperOptimiser
 
@@ -23,7 +24,8 @@ ALGORITHMS: dict[str, type[HyperOptimiser]] = {
     "Random_Validation": HyperOptimiser,
     "Random_TrainingSetOnly": HyperOptimiser,
     "Lorraine": ImplicitHyperOptimiser,
-    "Baydin": ImplicitHyperOptimiser,
+    "Baydin": BaydinHyperOptimiser,
+    "Baydin_Exact": ImplicitHyperOptimiser,
     "Ours_LR": ImplicitHyperOptimiser,
     "Ours_LR_Momentum": ImplicitHyperOptimiser,
     "Ours_HDLR_Momentum": ImplicitHyperOptimiser,

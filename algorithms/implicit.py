@@ -1,4 +1,4 @@
-"""Implicit differentiation through the weight update (Ours, Lorraine; Baydin as its i = 1 case).
+"""Implicit differentiation through the weight update (Ours, Lorraine; Baydin_Exact as its i = 1 case).
 
 Near a fixed point of the update w_t = w_{t-1} - u(lambda, w_{t-1}), the implicit function theorem
 gives dw*/dlambda = -(du/dw)^{-1} du/dlambda. Truncating the Neumann series of the inverse after i
@@ -10,7 +10,8 @@ terms, with J = dw_t/dw_{t-1} = I - du/dw and the validation gradient v = dL_V/d
 Only the last weight step of each window keeps a graph: it is taken from a detached copy of the
 weights, so the update can be written into the model at once while the graph stays valid. With
 i = 1 no second derivatives are needed and the step's gradient is built without create_graph: with
-the training data as validation data and T = 1 this is Baydin et al.'s hypergradient descent.
+the training data as validation data and T = 1 this is the exact derivative of Baydin et al.'s
+hypergradient descent (Baydin_Exact; the paper's Baydin is algorithms/baydin.py).
 """
 from __future__ import annotations
 

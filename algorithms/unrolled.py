@@ -74,7 +74,7 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
             torch_sgd.state[p]["momentum_buffer"] = buffer
         override = {name: [natural[name]] for name in ("lr", "weight_decay", "momentum")}
         def global_gradient(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-            return learner.global_gradient(list(grads), differentiable=True)
+            return learner.global_gradient(list(grads))
 
         with higher.innerloop_ctx(learner.model, torch_sgd, copy_initial_weights=False,
                                   override=override) as (fast_model, differentiable_sgd):

@@ -185,6 +185,7 @@ ALGORITHM_CONFIGS = {
     "Ours_HDLR_Momentum": ("Lr", "Weight_Decay", "Momentum"),
     "Lorraine": ("Weight_Decay",),
     "Baydin": ("Lr",),
+    "Baydin_Exact": ("Lr",),
     "DiffThroughOpt": ("Lr", "Weight_Decay", "Momentum"),
     "LongDiffThroughOpt_UCI_Standalone": ("Lr", "Weight_Decay", "Momentum"),
 }

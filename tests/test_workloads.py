@@ -29,8 +29,9 @@ SMALL = {
 
 
 def workload_config(workload: str, algorithm: str, data: Path, log_root: Path, *overrides: str) -> config.Config:
-    # Baydin's own step (1e-3 on log10 lr) moves lr by less than float32 logs can show in two steps.
-    steps = ["hyperparameter_steps=2"] + (["network_weight_steps=5"] if algorithm != "Baydin" else ["tuning.lr=10"])
+    # Baydin_Exact's own step (1e-3 on log10 lr) moves lr by less than float32 logs can show in two steps.
+    steps = ["hyperparameter_steps=2"] + {"Baydin": [], "Baydin_Exact": ["tuning.lr=10"]}.get(
+        algorithm, ["network_weight_steps=5"])
     return config.load_from([str(REPO / "configs" / f"{workload}.yaml"), str(REPO / "configs" / f"{algorithm}.yaml")],
                             overrides=[*SMALL[workload], *steps, f"dataset.data_dir={data}", f"log_root={log_root}",
                                        "seed=0", "log_every=1", *overrides])

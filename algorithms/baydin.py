@@ -1,0 +1,66 @@
+"""Hypergradient descent as Baydin et al. (2018) and the paper ran it (configs/Baydin.yaml).
+
+After every weight step w_t = w_{t-1} - u(lr, w_{t-1}), the learning rate moves along
+
+    h = -grad L(w_t) . grad L(w_{t-1})
+
+the negated dot product of two consecutive loss gradients: the one the step just used (at w_{t-1},
+on its training batch) and a fresh one at the new weights (on the next batch of the hypergradient
+stream, training data in the config). Both are plain loss gradients, summed over ranks: no weight
+decay, no momentum buffer, no clipping. For plain SGD, h is dL(w_t)/d lr; the paper applied it
+unchanged as the gradient of log10 lr, the raw value its SGD hyper-optimiser steps, so
+
+    log10 lr <- log10 lr + step * grad L(w_t) . grad L(w_{t-1}).
+
+The exact derivative with respect to log10 lr (through the momentum buffer, times ln(10) lr) is
+the implicit optimiser with i = 1 and T = 1: configs/Baydin_Exact.yaml. Its steps are hundreds of
+times smaller at lr ~ 1e-3, so it is a different algorithm in practice.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from algorithms.base import GradientHyperOptimiser, Stepper
+
+if TYPE_CHECKING:
+    from config import Config
+    from datasets import Batch
+    from train import Learner
+
+
+class BaydinHyperOptimiser(GradientHyperOptimiser):
+    tracked_steps = 1
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        from config import ConfigError
+        if tuple(cfg.tuning.hyperparameters) != ("lr",) or cfg.tuning.high_dimensional:
+            raise ConfigError(f"{cfg.algorithm} tunes one scalar learning rate: tuning.hyperparameters must be [lr] "
+                              f"and tuning.high_dimensional empty")
+
+    def __init__(self, cfg: Config, learner: Learner):
+        super().__init__(cfg, learner)
+        self._step_gradient: list[torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def tracking(self, learner: Learner) -> Iterator[Stepper]:
+        def recorded_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            outputs, loss, self._step_gradient = learner.loss_gradient(batch)
+            learner.fast_update(self._step_gradient)
+            return outputs, loss
+
+        try:
+            yield Stepper(learner.model, recorded_step)
+        finally:
+            self._step_gradient = None
+
+    def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
+        learner.model.eval()
+        _, _, new_gradient = learner.loss_gradient(next(learner.hyper_batches))
+        product = sum(torch.sum(new * old) for new, old in zip(new_gradient, self._step_gradient, strict=True))
+        (leaf,) = self.hyperparameters.leaves()
+        return [(-product).reshape(leaf.shape).to(leaf.dtype)]
