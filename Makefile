@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synced
 
-.PHONY: quickstart test lint data bench
+.PHONY: quickstart test mutation-check lint data bench
 
 # Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv.
 $(STAMP): Pipfile Pipfile.lock
@@ -17,6 +17,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Inject the hypergradient bugs that matter into a scratch copy; fails if the tests miss one.
+mutation-check: $(STAMP)
+	$(PY) tests/mutations.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,198 @@
+"""Mutation check: the hypergradient bugs that matter, each injected into a scratch copy of the
+repository, must make the tests fail.
+
+    python tests/mutations.py                 # every mutation (a few minutes)
+    python tests/mutations.py neumann_fewer   # the named ones
+    python tests/mutations.py --list
+
+A mutation is a textual edit of one source file (each `original` must occur exactly once, so a
+mutation that no longer applies is reported rather than silently skipped) plus the tests expected
+to catch it. The copy is made once from the files git tracks (and untracked, unignored ones), with
+`shared` linked beside it as the tests expect; the repository itself is never modified. First the
+union of the tests runs on the unmutated copy (they must pass, or a failure would prove nothing),
+then each mutation runs its tests with `-x`. Exit 0 when every mutation was caught, 1 when one
+survived or the baseline failed, 2 for an unknown name or a mutation that no longer applies.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+GROUND_TRUTH = ("tests/test_loop_ground_truth.py", "tests/test_hypergradients.py")
+DDP_IMPLICIT = "tests/test_distributed.py::test_n_ranks_end_where_one_rank_ends[Ours_LR_Momentum-2]"
+DDP_UNROLLED = "tests/test_distributed.py::test_n_ranks_end_where_one_rank_ends[DiffThroughOpt-2]"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    description: str
+    path: str
+    edits: tuple[tuple[str, str], ...]          # (original, mutated) pairs
+    tests: tuple[str, ...] = GROUND_TRUTH
+
+
+MUTATIONS = (
+    Mutation("neumann_fewer", "one Neumann term fewer (i - 1 terms)", "algorithms/implicit.py",
+             (("range(self.rollback_distance - 1)", "range(self.rollback_distance - 2)"),)),
+    Mutation("neumann_more", "one Neumann term more (i + 1 terms)", "algorithms/implicit.py",
+             (("range(self.rollback_distance - 1)", "range(self.rollback_distance)"),)),
+    Mutation("implicit_sign", "implicit hypergradient with its sign flipped", "algorithms/implicit.py",
+             (("grad_outputs=total, allow_unused=True", "grad_outputs=[-t for t in total], allow_unused=True"),)),
+    Mutation("unrolled_sign", "unrolled hypergradient with its sign flipped", "algorithms/unrolled.py",
+             (("torch.autograd.grad(validation_loss, leaves", "torch.autograd.grad(-validation_loss, leaves"),)),
+    Mutation("log10_chain_rule", "no chain-rule factor ln(10) lr from log10 lr (derivative of the natural value)",
+             "algorithms/hyperparameters.py",
+             (("lambda raw: torch.pow(10.0, raw))", "lambda raw: raw + (torch.pow(10.0, raw) - raw).detach())"),)),
+    Mutation("baydin_chain_rule", "the paper's Baydin with the exact chain-rule factor ln(10) lr",
+             "algorithms/baydin.py",
+             (("[(-product).reshape(", "[(-product * 2.302585092994046 * 10 ** leaf.detach()).reshape("),),
+             ("tests/test_hypergradients.py",)),
+    Mutation("baydin_momentum_buffer", "the paper's Baydin from the momentum buffer, not the plain gradient",
+             "algorithms/baydin.py",
+             (("learner.fast_update(self._step_gradient)",
+               "learner.fast_update(self._step_gradient)\n"
+               "            self._step_gradient = learner.rule_state['momentum_buffer']"),),
+             ("tests/test_hypergradients.py",)),
+    Mutation("implicit_buffer_attached", "momentum buffer not detached after the tracked step",
+             "algorithms/implicit.py",
+             (("learner.rule_state = _detached(state)", "learner.rule_state = state"),)),
+    Mutation("unrolled_buffer_attached", "momentum buffers not detached after the unrolled steps",
+             "algorithms/unrolled.py",
+             (("[b.detach() for b in buffers]", "list(buffers)"),)),
+    Mutation("tracked_step_early", "the tracked step one position early (a fast step after it)", "train.py",
+             (("            for s in range(T - tracked):\n",
+               "            for s in range(T - tracked - 1):\n"),
+              ("                for s in range(T - tracked, T):\n"
+               "                    loss = self._logged_step(h, s, stepper)\n",
+               "                for s in range(T - tracked - 1, T - 1):\n"
+               "                    loss = self._logged_step(h, s, stepper)\n"
+               "                loss = self._logged_step(h, T - 1, self.fast_stepper)\n"))),
+    Mutation("unrolled_r_minus_1", "R - 1 unrolled steps instead of R", "algorithms/unrolled.py",
+             (("self.tracked_steps = cfg.tuning.unroll_steps or cfg.network_weight_steps",
+               "self.tracked_steps = (cfg.tuning.unroll_steps or cfg.network_weight_steps) - 1"),)),
+    Mutation("sgd_weight_decay_dropped", "weight decay dropped from the differentiable SGD update",
+             "algorithms/weight_update.py",
+             (("            g = g + hp[\"weight_decay\"] * w\n            b = g if b is None",
+               "            b = g if b is None"),)),
+    Mutation("adam_weight_decay_dropped", "weight decay dropped from the differentiable Adam update",
+             "algorithms/weight_update.py",
+             (("            g = g + hp[\"weight_decay\"] * w\n            m = beta1",
+               "            m = beta1"),)),
+    Mutation("all_reduce_averaged", "all-reduce averaged over ranks instead of summed",
+             "algorithms/distributed.py",
+             (("        dist.all_reduce(flat)\n",
+               "        dist.all_reduce(flat)\n        flat /= context.world_size\n"),),
+             (DDP_IMPLICIT,)),
+    Mutation("direct_path_unscaled", "the direct path of the tracked step not scaled by 1/N",
+             "algorithms/distributed.py",
+             (("_ScaleGradient.apply(1 / context.world_size, p)", "_ScaleGradient.apply(1.0, p)"),),
+             (DDP_IMPLICIT,)),
+    Mutation("unrolled_adjoint_not_summed", "the adjoint of the cross-rank gradient sum not summed over ranks",
+             "algorithms/distributed.py",
+             (("return (None, *_AllReduceSum.apply(ctx.context, *grad_outputs))", "return (None, *grad_outputs)"),),
+             (DDP_UNROLLED,)),
+)
+
+
+class Stale(Exception):
+    """A mutation whose original text is no longer in its file (exactly once)."""
+
+
+def scratch_copy(root: Path) -> Path:
+    """The repository's files (as git lists them) under root/repo, with root/shared linked."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    copy = root / "repo"
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / name)
+    (root / "shared").symlink_to(SHARED.resolve(), target_is_directory=True)
+    return copy
+
+
+def mutate(copy: Path, mutation: Mutation) -> str:
+    """Apply `mutation` to the copy; returns the file's original text (to restore it)."""
+    path = copy / mutation.path
+    text = mutated = path.read_text()
+    for original, replacement in mutation.edits:
+        if mutated.count(original) != 1:
+            raise Stale(f"{mutation.name}: {mutation.path} does not contain {original!r} exactly once; "
+                        f"update the mutation in tests/mutations.py")
+        mutated = mutated.replace(original, replacement)
+    path.write_text(mutated)
+    return text
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str]:
+    """(passed, the last line pytest printed) for `tests` run in the copy."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    try:
+        result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:.0f} s"
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    return result.returncode == 0, lines[-1] if lines else result.stderr.strip()[-200:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="MUTATION", help="mutations to check (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed to each pytest run")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:<28} {m.description}  [{m.path}; {' '.join(m.tests)}]")
+        return 0
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        print(f"mutations.py: error: unknown mutation {unknown[0]!r}; see --list", file=sys.stderr)
+        return 2
+    chosen = [known[name] for name in args.names] or list(MUTATIONS)
+    with tempfile.TemporaryDirectory(prefix="mutations-") as root:
+        copy = scratch_copy(Path(root))
+        baseline = tuple(dict.fromkeys(test for m in chosen for test in m.tests))
+        print(f"baseline: {len(baseline)} test selections on the unmutated copy ...", flush=True)
+        passed, last = run_tests(copy, baseline, args.timeout)
+        if not passed:
+            print(f"baseline FAILED ({last}): fix the tests before checking mutations", flush=True)
+            return 1
+        survivors = []
+        for mutation in chosen:
+            start = time.perf_counter()
+            try:
+                original = mutate(copy, mutation)
+            except Stale as error:
+                print(f"mutations.py: error: {error}", file=sys.stderr)
+                return 2
+            try:
+                passed, last = run_tests(copy, mutation.tests, args.timeout)
+            finally:
+                (copy / mutation.path).write_text(original)
+            verdict = "SURVIVED" if passed else "caught"
+            print(f"{verdict:<9} {mutation.name:<28} {time.perf_counter() - start:6.1f} s  {last}", flush=True)
+            if passed:
+                survivors.append(mutation.name)
+    if survivors:
+        print(f"{len(survivors)} of {len(chosen)} mutations survived: {', '.join(survivors)}")
+        return 1
+    print(f"all {len(chosen)} mutations caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
