@@ -27,6 +27,7 @@ import numpy as np
 
 import config
 import parallel_exec
+import util
 from config import ConfigError
 
 BOUNDS = {"log10_lr": parallel_exec.LOG10_LR, "log10_weight_decay": parallel_exec.LOG10_WEIGHT_DECAY,
@@ -88,8 +89,6 @@ def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5
 
 def _sequence(args: tuple) -> float:
     dataset, folder, seed, cap, initial, guided, extra = args
-    import torch
-    torch.set_num_threads(1)
     return min(loss for _, loss in optimise(dataset, folder, seed, cap, initial, guided, extra))
 
 
@@ -104,7 +103,8 @@ def run_repetitions(dataset: str, root: Path, repetitions: int, workers: int, ca
              for r in range(repetitions)]
     if workers <= 1:
         return [_sequence(task) for task in tasks]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=util.share_cores, initargs=(workers,)) as pool:
         return list(pool.map(_sequence, tasks))
 
 

@@ -178,10 +178,21 @@ class Config:
     device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     dtype: str = option("float32", "precision of weights, hyperparameters and data",
                         choices=lambda: ["float32", "float64"])
+    threads: int | None = option(
+        None, "intra-op CPU threads of each process; null = 1 for models under 1M parameters (the fastest "
+              "for them, and safe on a busy machine), else this process's share of the cores. The count "
+              "used is recorded in config.json; results are reproducible bit for bit at a fixed count", low=1)
     log_every: int = option(10, "evaluate and log per-step scalars every this many weight steps", low=1)
     log_root: str = option("runs", "root folder of run directories")
-    run_group_name: str = option("Untitled", "subfolder of log_root for this run")
+    run_group_name: str | None = option(None, "subfolder of log_root for this run; null = <dataset>/<algorithm>")
     run_name: str | None = option(None, "suffix of the run directory's name")
+
+    @property
+    def run_group(self) -> str:
+        """The run's folder below log_root: run_group_name, or <dataset>/<algorithm> by default."""
+        if self.run_group_name is not None:
+            return self.run_group_name
+        return "meta_dataset" if self.task == "meta_dataset" else f"{self.dataset.name}/{self.algorithm}"
 
     @property
     def total_weight_steps(self) -> int:

@@ -150,7 +150,7 @@ def run_job(job: Job, root: Path) -> tuple[str, str]:
     if run_dir.exists():            # an unfinished or failed earlier attempt: start it afresh
         shutil.rmtree(run_dir)
     try:
-        _, metrics = train.train(job.config(root), run_dir=run_dir)
+        _, metrics = train.train(job.config(root), run_dir=run_dir, show_progress=False)
         return metrics["status"], str(run_dir)
     except Exception as error:      # recorded, and the batch goes on
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,11 +161,10 @@ def run_job(job: Job, root: Path) -> tuple[str, str]:
         return "failed", str(run_dir)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(workers: int) -> None:
     """Workers leave Ctrl-C to the parent (which lets them finish) and share the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-    torch.set_num_threads(threads)
+    util.share_cores(workers)
 
 
 def pending(jobs: list[Job], root: Path) -> tuple[list[Job], int]:
@@ -191,12 +190,11 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
     todo, done = pending(jobs, root)
     counts = Counter(skipped=done)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     progress = tqdm(total=len(jobs), initial=done, unit="run", disable=not show_progress, dynamic_ncols=True)
     queue: Iterator[Job] = iter(todo)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                initargs=(threads,)) as pool:
+                                                initargs=(workers,)) as pool:
         running: set[concurrent.futures.Future] = set()
         stopping = False
         try:

@@ -31,6 +31,7 @@ import util
 from algorithms import distributed, meta
 from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
+from algorithms.hyperparameters import tag as hyperparameter_tag
 from algorithms.weight_update import RULES, clip_gradient_norm
 from config import Config, ConfigError
 
@@ -69,7 +70,48 @@ def prepare(cfg: Config) -> Setup:
         raise ConfigError(f"batch_size: the language-model dataset '{cfg.dataset.name}' needs a batch_size (the "
                           f"truncated-BPTT length, e.g. 70)")
     model = models.build(cfg.model, splits.input_shape, splits.num_outputs).to(device=device, dtype=dtype)
+    cfg = replace(cfg, threads=cfg.threads or default_threads(model))
+    torch.set_num_threads(cfg.threads)
     return Setup(cfg, device, splits, model, models.build_loss(cfg.loss))
+
+
+SMALL_MODEL = 1_000_000     # parameters; below this, one thread is fastest (bench/RESULTS.md, threads)
+
+
+def default_threads(model: nn.Module) -> int:
+    """One thread for a small model (more only add synchronisation, and oversubscribe a busy
+    machine), else this process's share of the cores."""
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+    return 1 if small else util.core_share()
+
+
+class Progress:
+    """Progress of a run: a tqdm bar on a terminal; elsewhere (a log file, nohup, a cluster job) one
+    line on stderr every `every` seconds, saying where the run is and when it should end."""
+
+    def __init__(self, total: int, initial: int, name: str, every: float = 30.0, enabled: bool = True):
+        self.total, self.done, self.name, self.every = total, initial, name, every
+        self.terminal = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.terminal
+        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.terminal, dynamic_ncols=True)
+        self.start = self.last_line = time.monotonic()
+        self.first = initial
+
+    def update(self, steps: int, loss: float, hyperparameters: dict[str, float]) -> None:
+        self.done += steps
+        self.bar.update(steps)
+        self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        now = time.monotonic()
+        if self.lines and now - self.last_line >= self.every:
+            self.last_line = now
+            rate = (self.done - self.first) / max(now - self.start, 1e-9)
+            values = "  ".join(f"{tag.split('/')[1].lower()} {value:.3g}" for tag, value in hyperparameters.items()
+                               if tag.startswith("Hyperparameter/"))
+            print(f"{self.name}: step {self.done}/{self.total}  loss {loss:.4g}  {values}  {rate:.0f} steps/s  "
+                  f"{(self.total - self.done) / max(rate, 1e-9):.0f} s to go", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Learner:
@@ -112,6 +154,9 @@ class Learner:
         self.after_window: Callable[[Learner], None] | None = None   # e.g. a periodic checkpoint
         self.status = "running"
         self._window_hyperparameters: dict[str, float] = {}
+        self.train_seconds = 0.0     # over every segment of a resumed run, up to the last window done
+        self.segments = 1            # 1 + the resumptions of this run
+        self.show_progress = context.is_rank0
 
     def _streams(self) -> dict[str, datasets.BatchStream | datasets.SequenceStream]:
         named = {"train": self.train_batches, "validation": self.validation_batches, "hyper": self.hyper_batches,
@@ -127,6 +172,7 @@ class Learner:
             "hyperparameters": self.hyperparameters.state_dict(), "algorithm": self.algorithm.state_dict(),
             "streams": {name: stream.state_dict() for name, stream in self._streams().items()},
             "torch_rng": torch.get_rng_state(), "window_hyperparameters": self._window_hyperparameters,
+            "train_seconds": self.train_seconds, "segments": self.segments,
         } | ({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,6 +188,7 @@ class Learner:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self._window_hyperparameters = state["window_hyperparameters"]
+        self.train_seconds, self.segments = state.get("train_seconds", 0.0), state.get("segments", 1) + 1
 
     def _stream(self, split: datasets.Split, offset: int,
                 batch_size: int | None = None) -> datasets.BatchStream | datasets.SequenceStream:
@@ -275,10 +322,12 @@ class Learner:
 
     def run(self) -> dict:
         """Train for H windows of T steps, logging as configured; returns the final metrics."""
-        return self.finish(self.train_windows())
+        self.train_windows()
+        return self.finish()
 
     def train_windows(self) -> float:
-        """The windows still to do (all H of them, unless resumed); returns the seconds they took.
+        """The windows still to do (all H of them, unless resumed); returns the seconds they took
+        (`train_seconds` adds them to those of earlier segments).
 
         The measurement at step (h+1)*T (the weights window h produced) is logged twice: as the
         per-step tags at that step, when due, and as the Last_* tags of hyperparameter step h,
@@ -286,9 +335,9 @@ class Learner:
         """
         cfg, T = self.cfg, self.cfg.network_weight_steps
         tracked = self.algorithm.tracked_steps
-        start = time.perf_counter()
-        progress = tqdm(total=cfg.total_weight_steps, initial=self.steps_done, unit="step",
-                        disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        start, seconds_before = time.perf_counter(), self.train_seconds
+        progress = Progress(cfg.total_weight_steps, self.steps_done, f"{cfg.algorithm} on {cfg.dataset.name}",
+                            enabled=self.show_progress)
         for h in range(self.windows_done, cfg.hyperparameter_steps):
             self.algorithm.start_window(self, h)
             self._previous_window_hyperparameters = self._window_hyperparameters
@@ -309,11 +358,12 @@ class Learner:
             del stepper                   # with the graph of its steps: none outlives its window
             self.hyperparameters.end_window()
             self.windows_done += 1
+            self.train_seconds = seconds_before + time.perf_counter() - start
             if self.after_window is not None:
                 self.after_window(self)
-            progress.update(T)
-            progress.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
+            progress.update(T, last_loss, self._window_hyperparameters)
         progress.close()
+        self.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
 
     def _logged_step(self, h: int, s: int, stepper: Stepper) -> torch.Tensor:
@@ -331,7 +381,7 @@ class Learner:
                 self._log_last(h - 1, scalars | self._previous_window_hyperparameters)
         return step_result[-1].detach()     # (no graph outlives its window)
 
-    def finish(self, train_seconds: float) -> dict:
+    def finish(self) -> dict:
         """Measure the final weights on whole splits, log them at step H*T (and as the last
         window's Last_* tags), return the metrics."""
         if self.status == "running":
@@ -344,10 +394,23 @@ class Learner:
         return {
             "status": self.status,
             "weight_steps": self.steps_done,
-            "train_seconds": train_seconds,
+            "train_seconds": self.train_seconds,
+            "segments": self.segments,
             "final": {tag: util.finite_or_none(value)
                       for tag, value in (scalars | self.hyperparameters.log_values()).items()},
         }
+
+    def hparams(self) -> tuple[dict, list[str]]:
+        """The run's settings and the tags of its final results, for TensorBoard's HParams tab."""
+        cfg = self.cfg
+        values = {"algorithm": cfg.algorithm, "dataset": cfg.dataset.name, "seed": cfg.seed,
+                  "network_weight_steps": cfg.network_weight_steps, "batch_size": cfg.batch_size or 0}
+        values |= {f"initial_{name}": float(getattr(cfg.optimiser, name)) for name in self.hyperparameters.names}
+        splits = ["Training", "Test"] + (["Validation"] if self.splits.validation is not None else [])
+        headline = {"classification": "Accuracy", "language_model": "Perplexity"}.get(self.splits.task)
+        metrics = [f"Loss/{split}" for split in splits] + ([f"{headline}/Test"] if headline else [])
+        metrics += ["Unnormalised_Loss/Test"] if self.splits.target_std is not None else []
+        return values, metrics + [hyperparameter_tag(name) for name in self.hyperparameters.names]
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         if self.log is not None:
@@ -376,8 +439,10 @@ def summary(run_dir: Path, cfg: Config, metrics: dict) -> str:
             f"  {cfg.meta.evaluation_tasks} fresh classifiers after {cfg.meta.inner_steps} steps: accuracy "
             f"{final['Meta/Adapted_Accuracy']:.4f}, loss {final['Meta/Adapted_Loss']:.4f}",
             f"  logs                  {run_dir}  (config.json, metrics.json, learned_dataset.pt, TensorBoard)"])
+    segments = f" over {metrics['segments']} segments" if metrics.get("segments", 1) > 1 else ""
     rows = [f"{cfg.algorithm} on {cfg.dataset.name}: {metrics['status']} after {metrics['weight_steps']} "
-            f"weight steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']}{processes})",
+            f"weight steps in {metrics['train_seconds']:.1f} s{segments} (seed {metrics['seed']}, "
+            f"{metrics['threads']} thread{'s' if metrics['threads'] > 1 else ''}{processes})",
             f"  {'':<22}{'training':>12}{'validation':>12}{'test':>12}"]
     for metric, label in [("Loss", "loss"), ("Unnormalised_Loss", "loss in target units"),
                           ("Accuracy", "accuracy"), ("Perplexity", "perplexity")]:
@@ -385,10 +450,10 @@ def summary(run_dir: Path, cfg: Config, metrics: dict) -> str:
         if any(tag in final for tag in tags):
             rows.append(f"  {label:<22}" + "".join(_cell(final, tag) for tag in tags))
     rows += ["  hyperparameters       " + "  ".join(
-                 f"{tag.split('/')[1].lower()} {value:.4g}" for tag, value in final.items()
-                 if tag.startswith("Hyperparameter/")),
+                 f"{tag.split('/')[1].lower()} {'nan' if value is None else format(value, '.4g')}"
+                 for tag, value in final.items() if tag.startswith("Hyperparameter/")),
              f"  logs                  {run_dir}  (config.json, metrics.json, TensorBoard events)",
-             f"  view them with        tensorboard --logdir {run_dir.parent}"]
+             f"  view them with        tensorboard --logdir {cfg.log_root}"]
     return "\n".join(rows)
 
 
@@ -399,7 +464,8 @@ def _cell(final: dict, tag: str) -> str:
 
 
 # Keys a resumed run may change: how long it goes on, where it logs, how it reports.
-RESUMABLE_KEYS = {"hyperparameter_steps", "log_root", "run_group_name", "run_name", "device", "seed", "log_every"}
+RESUMABLE_KEYS = {"hyperparameter_steps", "log_root", "run_group_name", "run_name", "device", "seed", "log_every",
+                  "threads"}
 
 
 def load_checkpoint(path: str, cfg: Config) -> dict:
@@ -430,7 +496,7 @@ def open_run(cfg: Config, context: distributed.Context,
     if not context.is_rank0:
         return run_dir, None
     if run_dir is None:
-        run_dir = util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name)
+        run_dir = util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name)
     if not (run_dir / "config.json").is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         util.write_json(run_dir / "config.json", config.to_dict(cfg))
@@ -439,7 +505,7 @@ def open_run(cfg: Config, context: distributed.Context,
 
 def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg: Config,
               context: distributed.Context) -> dict:
-    metrics |= {"seed": cfg.seed, "run_dir": str(run_dir), "world_size": context.world_size}
+    metrics |= {"seed": cfg.seed, "threads": cfg.threads, "run_dir": str(run_dir), "world_size": context.world_size}
     if log is not None:
         log.close()
         util.write_json(run_dir / "metrics.json", metrics)
@@ -448,21 +514,25 @@ def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg:
 
 def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
           context: distributed.Context = distributed.SINGLE,
-          checkpoint_every: int | None = None, run_dir: Path | None = None) -> tuple[Path | None, dict]:
+          checkpoint_every: int | None = None, run_dir: Path | None = None,
+          show_progress: bool = True) -> tuple[Path | None, dict]:
     """Run one configured job end to end (as one rank of `context`); returns the run directory
     (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging on in its
     run directory; `save_state` writes one at the end, and every `checkpoint_every` hyperparameter
     steps if given. `run_dir` names the directory to log into (default: a new one under log_root).
-    Only rank 0 writes anything."""
+    Only rank 0 writes anything, and shows progress unless `show_progress` is false (batches)."""
     if cfg.task == "meta_dataset":
         return train_meta_dataset(cfg, context, save_state or load_state, run_dir)
     setup = prepare(cfg)
     cfg = setup.cfg
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
+    learner.show_progress = context.is_rank0 and show_progress
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
     run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else run_dir)
+    if checkpoint is None and learner.log is not None:
+        learner.log.hparams(*learner.hparams())
     if checkpoint is not None and learner.log is not None:
         # TensorBoard drops what a killed predecessor logged after the checkpoint it resumes.
         learner.log.restart_at(learner.steps_done + (learner.logged_at == learner.steps_done))
@@ -505,6 +575,8 @@ def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: st
     refuse_meta_checkpoint(cfg, checkpoint)
     if cfg.seed is None:
         cfg = replace(cfg, seed=secrets.randbelow(2**31))
+    cfg = replace(cfg, threads=cfg.threads or 1)       # a model of a few hundred parameters
+    torch.set_num_threads(cfg.threads)
     run_dir, log = open_run(cfg, context, run_dir)
     try:
         metrics = meta.train_learned_dataset(cfg, context, log)

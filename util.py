@@ -23,6 +23,28 @@ import torch
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
+# -- threads ---------------------------------------------------------------------------------
+
+_core_share: int | None = None
+
+
+def share_cores(processes: int) -> int:
+    """Declare that this process is one of `processes` sharing this machine's cores (a batch
+    worker, a data-parallel rank); returns its share, which runs with threads: null use."""
+    global _core_share
+    _core_share = max(1, available_cores() // processes)
+    return _core_share
+
+
+def core_share() -> int:
+    """This process's share of the cores: all of them unless `share_cores` said otherwise."""
+    return _core_share or available_cores()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a cluster job's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
     """Create `log_root/group/<date>-<time>-<random>[-name]`, never reusing an existing folder."""
@@ -97,6 +119,13 @@ class RunLog:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
         self._write(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def hparams(self, values: dict[str, float | int | str | bool], metrics: list[str]) -> None:
+        """TensorBoard's HParams record of this run: its settings, and the scalar tags whose last
+        values compare runs in the HParams tab."""
+        from torch.utils.tensorboard.summary import hparams
+        for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
+            self._write(Event(wall_time=time.time(), summary=summary))
 
     def histogram(self, step: int, tag: str, values: torch.Tensor, bins: int = 64) -> None:
         """A TensorBoard histogram of `values`, computed with torch: numpy's histogram calls BLAS,

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import util
+
 
 @dataclass(frozen=True)
 class Context:
@@ -68,7 +70,7 @@ def join_local_group(rank: int, world_size: int, port: int) -> Context:
     """Make this process rank `rank` of `world_size` on this machine, meeting at the launcher's
     `local_rendezvous` store; the processes share the cores."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    util.share_cores(world_size)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return Context(rank, world_size)

@@ -64,7 +64,7 @@ WORKLOADS = {"uci_energy": uci_energy_setup, "fashion_mnist_sized": fashion_mnis
 def time_run(setup: train.Setup) -> float:
     """Seconds for one `Learner.run()`, logging to a fresh run directory (setup not timed)."""
     cfg = setup.cfg
-    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name))
+    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name))
     try:
         learner = train.Learner(setup, log)
         start = time.perf_counter()

@@ -41,7 +41,7 @@ def load_config(log_root: str) -> Config:
 def time_framework(cfg: Config) -> float:
     """Seconds for one full `Learner.run()`, logging to a fresh run directory (setup not timed)."""
     setup = train.prepare(cfg)
-    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group_name, cfg.run_name))
+    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name))
     try:
         start = time.perf_counter()
         train.Learner(setup, log).run()

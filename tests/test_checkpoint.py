@@ -48,6 +48,10 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(algorithm, tmp_pat
         np.testing.assert_array_equal(resumed.scalars[tag].steps, np.arange(12))
         np.testing.assert_array_equal(resumed.scalars[tag].values, uninterrupted.scalars[tag].values)
     assert resumed.metrics["weight_steps"] == 120
+    # Its time and segments count the whole run, not the last segment only.
+    first_seconds = torch.load(first, weights_only=True)["train_seconds"]
+    assert (resumed.metrics["segments"], uninterrupted.metrics["segments"]) == (2, 1)
+    assert resumed.metrics["train_seconds"] > first_seconds > 0
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):

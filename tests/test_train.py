@@ -80,16 +80,32 @@ def test_classification_logs_accuracy(tmp_path):
     assert record.metrics["final"]["Accuracy/Test"] > 0.8
 
 
-def test_same_seed_reproduces_bit_for_bit(tmp_path):
-    overrides = ["hyperparameter_steps=30", "seed=7", "log_every=1"]
-    run(tmp_path / "a", "digits.yaml", "Random_Validation.yaml", overrides=overrides)
-    run(tmp_path / "b", "digits.yaml", "Random_Validation.yaml", overrides=overrides)
-    run(tmp_path / "c", "digits.yaml", "Random_Validation.yaml", overrides=["hyperparameter_steps=30", "seed=8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_seed_and_threads_reproduce_bit_for_bit(tmp_path, threads):
+    overrides = ["hyperparameter_steps=30", "seed=7", "log_every=1", f"threads={threads}",
+                 "model.layer_sizes=[64, 256, 10]"]
+    run(tmp_path / "a", "digits.yaml", "Ours_LR_Momentum.yaml", overrides=overrides)
+    run(tmp_path / "b", "digits.yaml", "Ours_LR_Momentum.yaml", overrides=overrides)
+    run(tmp_path / "c", "digits.yaml", "Ours_LR_Momentum.yaml", overrides=[*overrides[:-1], "seed=8"])
     first, second, other = (only_run(tmp_path / name / "runs") for name in "abc")
+    assert first.config["threads"] == threads
     for tag, scalar in first.scalars.items():
         np.testing.assert_array_equal(scalar.values, second.scalars[tag].values)
     assert first.metrics["final"] == second.metrics["final"]
     assert first.metrics["final"]["Loss/Test"] != other.metrics["final"]["Loss/Test"]
+
+
+def test_default_threads_are_one_for_small_models_and_the_core_share_for_large_ones(monkeypatch):
+    small = train.prepare(config.load_from([str(REPO / "configs/diabetes.yaml")]))
+    assert small.cfg.threads == 1 and torch.get_num_threads() == 1
+    monkeypatch.setattr(util, "_core_share", None)
+    monkeypatch.setattr(util, "available_cores", lambda: 6)
+    assert util.share_cores(4) == 1 and util.share_cores(2) == 3
+    large = train.prepare(config.load_from([str(REPO / "configs/diabetes.yaml")],
+                                           overrides=["model.layer_sizes=[10, 1000, 1000, 1]"]))
+    assert large.cfg.threads == 3 and torch.get_num_threads() == 3
+    chosen = train.prepare(config.load_from([str(REPO / "configs/diabetes.yaml")], overrides=["threads=2"]))
+    assert chosen.cfg.threads == 2 and torch.get_num_threads() == 2
 
 
 def test_learner_does_exactly_the_sgd_steps_of_a_plain_torch_loop(data_dir):
@@ -228,3 +244,34 @@ def test_hypergradients_are_logged_with_each_hyperparameter_step(tmp_path):
     assert len(logged) == 6 and np.all(logged != 0)
     np.testing.assert_allclose(logged[:-1], -np.diff(np.log10(lrs)) / 0.01, rtol=1e-3)
     assert {"Last_Hypergradient/Weight_Decay", "Last_Hypergradient/Momentum"} <= set(record.scalars)
+
+
+def test_runs_are_named_by_dataset_and_algorithm_and_compare_in_the_hparams_tab(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    run_dir, _ = run(tmp_path, "diabetes.yaml", "Ours_LR.yaml", overrides=["hyperparameter_steps=3", "seed=4"])
+    assert run_dir.parent == tmp_path / "runs" / "diabetes" / "Ours_LR"
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["algorithm"].string_value == "Ours_LR" and hparams["seed"].number_value == 4
+    assert hparams["initial_lr"].number_value == pytest.approx(1e-3)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = [info.name.tag for info in experiment.metric_infos]
+    assert {"Loss/Test", "Loss/Validation", "Unnormalised_Loss/Test", "Hyperparameter/Lr"} <= set(metrics)
+    assert set(metrics) <= set(accumulator.Tags()["scalars"])       # each is a logged scalar
+
+
+def test_progress_is_a_line_every_few_seconds_when_not_on_a_terminal(capsys):
+    progress = train.Progress(total=100, initial=0, name="Ours_LR on diabetes", every=0.0)
+    progress.update(10, 0.5, {"Hyperparameter/Lr": 1e-3, "Loss/Test": 2.0})
+    progress.update(10, 0.25, {"Hyperparameter/Lr": 2e-3})
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith("Ours_LR on diabetes: step 20/100  loss 0.25  lr 0.002") and "s to go" in lines[1]
+    quiet = train.Progress(total=100, initial=0, name="x", every=0.0, enabled=False)
+    quiet.update(10, 0.5, {})
+    assert capsys.readouterr().err == ""
