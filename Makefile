@@ -3,13 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synced
+RAY_STAMP := $(VENV)/.synced-ray
+PIPENV := PIPENV_VENV_IN_PROJECT=1 PIPENV_NOSPIN=1 PIPENV_YES=1 $(PYTHON) -m pipenv
 
-.PHONY: quickstart test mutation-check lint data bench
+.PHONY: quickstart test mutation-check lint data bench ray
 
-# Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv.
+# Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv: the packages and
+# dev-packages categories, not the optional [ray] one.
 $(STAMP): Pipfile Pipfile.lock
 	$(PYTHON) -m pip install --quiet pipenv
-	PIPENV_VENV_IN_PROJECT=1 PIPENV_NOSPIN=1 PIPENV_YES=1 $(PYTHON) -m pipenv sync --dev
+	$(PIPENV) sync --categories "packages dev-packages"
+	touch $@
+
+# Optional: Ray Tune (about 0.5 GB) for `--backend ray`, ASHA and PBT, and their tests.
+ray: $(RAY_STAMP)
+$(RAY_STAMP): $(STAMP)
+	$(PIPENV) sync --categories ray
 	touch $@
 
 quickstart: $(STAMP)

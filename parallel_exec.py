@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from tqdm import tqdm
@@ -228,12 +230,24 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
 # Ray: a cluster for plain batches, and Ray Tune's ASHA and population-based training
 
 REPO = Path(__file__).resolve().parent
+RAY_INSTALL = "install it with `make ray` (or `pip install -e '.[ray]'`)"
+
+
+def import_ray(needed_by: str, module: str = "ray") -> ModuleType:
+    """`module` (ray or one of its submodules, e.g. ray.tune) for the feature `needed_by`. Ray is an
+    optional extra: without it, a ConfigError naming the install command (the scripts print it on
+    one line and exit 2)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigError(f"{needed_by} needs Ray, an optional extra that is not installed ({error}): "
+                          f"{RAY_INSTALL}") from None
 
 
 def connect_to_ray(address: str) -> None:
     """Join a running Ray cluster ("auto": the one `ray start` made on this machine); its workers
     import this repository from the same path (a shared file system on a real cluster)."""
-    import ray
+    ray = import_ray("a Ray cluster")
     if not ray.is_initialized():
         try:
             ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
@@ -245,7 +259,7 @@ def connect_to_ray(address: str) -> None:
 
 def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_progress: bool = True) -> Counter:
     """`run_batch` on a Ray cluster: one task (one CPU) per unfinished job."""
-    import ray
+    ray = import_ray("--backend ray")
     connect_to_ray(address)
     root = Path(root).resolve()
     todo, done = pending(jobs, root)
@@ -271,7 +285,7 @@ SEARCH_RANGES = {"lr": tuple(10**end for end in LOG10_LR), "weight_decay": tuple
 
 
 def search_space() -> dict:
-    from ray import tune
+    tune = import_ray("Ray Tune's search", "ray.tune")
     return {"lr": tune.loguniform(*SEARCH_RANGES["lr"]),
             "weight_decay": tune.loguniform(*SEARCH_RANGES["weight_decay"]),
             "momentum": tune.uniform(*SEARCH_RANGES["momentum"])}
@@ -286,7 +300,7 @@ class TuneReporter:
         self.checkpoint: Path | None = None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        from ray import tune
+        tune = import_ray("a Ray Tune trial", "ray.tune")
         self.log.scalars(step, values)
         if "Loss/Validation" in values:
             metrics = {name: value if np.isfinite(value) else float("inf") for name, value in
@@ -313,9 +327,9 @@ def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], chec
     import tempfile
 
     import torch
-    from ray import tune
 
     import train
+    tune = import_ray("a Ray Tune trial", "ray.tune")
     values = {f"optimiser.{name}": trial[name] for name in SEARCH_RANGES} | {"seed": trial["seed"]}
     cfg = config.load_from(list(files), overrides=[f"{key}={value!r}" for key, value in values.items()]
                            + [*extra, "log_every=1"])
@@ -352,17 +366,18 @@ def tune_search(scheduler_name: str, dataset: str, algorithm: str, samples: int,
                 seed: int = 0) -> object:
     """The paper's ASHA or PBT search: `samples` trials of `algorithm` on `dataset`, minimising the
     validation loss reported every weight step, for at most `steps` weight steps each."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    tune = import_ray(scheduler_name.upper(), "ray.tune")
+    schedulers = import_ray(scheduler_name.upper(), "ray.tune.schedulers")
     connect_to_ray(address)
     files = (str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{algorithm}.yaml"))
     if scheduler_name == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps)
+        scheduler = schedulers.ASHAScheduler(time_attr="training_iteration", max_t=steps)
     else:
         def explore(trial: dict) -> dict:     # resampling may not reach momentum 1
             return trial | {"momentum": min(trial["momentum"], 1 - 1e-6)}
-        scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
-                                            hyperparam_mutations=search_space(), custom_explore_fn=explore)
+        scheduler = schedulers.PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=perturbation_interval,
+            hyperparam_mutations=search_space(), custom_explore_fn=explore)
     rng = np.random.default_rng(seed)
     space = search_space() | {"seed": tune.sample_from(lambda _: int(rng.integers(2**31)))}
     trainable = tune.with_parameters(tune_trial, files=files, extra=tuple(extra),

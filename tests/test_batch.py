@@ -1,6 +1,7 @@
 """parallel_exec.py and run_all.py: many runs from shared initialisations, resumable, on real processes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -155,6 +156,32 @@ def test_bayesopt_counts_a_diverged_run_as_the_cap(tmp_path):
     assert all(parallel_exec.status_of(tmp_path / k) == "diverged" for k in ("00", "01"))
 
 
+# Ray is an optional extra (`make ray`; CI installs it): without it its tests skip, and asking for a
+# Ray feature is a one-line error.
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is an optional extra, not installed here: `make ray` installs it (CI does)")
+
+
+@pytest.mark.parametrize("command, error", [
+    (["parallel_exec.py", "-d", "diabetes", "-a", "Random", "--backend", "ray"],
+     "parallel_exec.py: error: --backend ray needs Ray"),
+    (["run_all.py", "asha"], "run_all.py: error: ASHA needs Ray"),
+], ids=["backend_ray", "asha"])
+def test_a_ray_feature_without_ray_is_a_one_line_error(command, error, tmp_path):
+    """Ray hidden as if not installed (a `ray` package first on the path that fails to import as a
+    missing one does): exit 2 and one line naming the install command, not a traceback."""
+    hidden = tmp_path / "without_ray" / "ray"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name=\"ray\")\n")
+    result = subprocess.run([sys.executable, *command, "-l", str(tmp_path / "runs")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300,
+                            env=os.environ | {"PYTHONPATH": f"{hidden.parent}{os.pathsep}{REPO}"})
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(error), result.stderr
+    assert "`make ray`" in result.stderr and "pip install -e '.[ray]'" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster, as `ray start --head` makes one."""
@@ -168,6 +195,7 @@ def ray_cluster():
     subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
 
 
+@needs_ray
 @pytest.mark.slow
 def test_a_batch_runs_on_a_ray_cluster(ray_cluster, tmp_path):
     command = [sys.executable, "parallel_exec.py", "-l", str(tmp_path), "-d", "diabetes", "-a", "Random",
@@ -179,6 +207,7 @@ def test_a_batch_runs_on_a_ray_cluster(ray_cluster, tmp_path):
     assert "4 skipped" in again.stdout and statuses(tmp_path) == ["completed"] * 4
 
 
+@needs_ray
 @pytest.mark.slow
 def test_asha_and_pbt_search_on_ray_tune(ray_cluster, tmp_path):
     extra = ("dataset.validation_proportion=0.2", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
