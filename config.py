@@ -12,8 +12,10 @@ naming where the bad value came from, before anything else happens.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
+import functools
 import json
 import re
 import types
@@ -214,9 +216,15 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml_value(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)
+        return copy.deepcopy(_parse_yaml(text))
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: could not parse {text!r} as YAML") from error
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_yaml(text: str) -> Any:
+    """Parsed once per text: batches load thousands of configs from a few files and overrides."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_yaml_file(path: str, sources: dict, _seen: tuple = ()) -> dict:
@@ -239,7 +247,7 @@ def _read_one_yaml(path: str) -> dict:
     if not file.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        content = yaml.load(file.read_text(), Loader=_Loader)
+        content = copy.deepcopy(_parse_yaml(file.read_text()))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path

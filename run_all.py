@@ -1,6 +1,7 @@
 """The paper's experiments, as data: list them, run one, summarise a results folder.
 
-    python run_all.py --list                          # every experiment, its runs and estimated time here
+    python run_all.py --list                          # every experiment, its runs and estimated time
+    python run_all.py --calibrate                     # measure this machine's pace for --list
     python run_all.py uci_energy --reps 5             # a quick look: 5 initialisations instead of 200
     python run_all.py fashion_mnist --workers 2 --set hyperparameter_steps=100
     python run_all.py --parse runs/paper              # what a results folder holds
@@ -15,6 +16,8 @@ K is), so a quick look is a subset of the full experiment.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import config
 import parallel_exec
+import util
 from config import ConfigError
 
 MAIN = ("Random", "Random_SteppedLR", "Random_Validation", "Lorraine", "Baydin", "Ours_LR", "Ours_LR_Momentum",
@@ -126,61 +130,139 @@ BAYESOPT_EVALUATIONS = 30           # full runs per Bayesian-optimisation repeti
 
 
 # -------------------------------------------------------------------------------------------------
-# Time estimates from a quick calibration: a few windows of each kind of run on this machine.
+# Time estimates: a stored table of each kind of run's pace here, refreshed by --calibrate.
 
-CALIBRATION_WINDOWS = 3
+RUNS = ("batch", "bayesopt")               # runners whose runs --list estimates
+CALIBRATION = "calibration.json"          # in the results folder, written by --calibrate
+SHIPPED_CALIBRATION = Path(__file__).resolve().parent / "resources" / CALIBRATION
+CALIBRATION_STEPS = 200                   # longer windows are calibrated on this many steps, then scaled
+CALIBRATION_SECONDS = 0.5                 # timed per kind of run, after a warm-up window
 
 
-def calibrate(cfg: config.Config) -> tuple[float, float]:
-    """(set-up seconds, seconds per weight step) of runs like `cfg`, from a few of its windows."""
+def calibration_key(cfg: config.Config) -> str:
+    """What sets a run's pace per weight step: dataset, algorithm, T, and the i or R it uses."""
+    import algorithms
+    kind = algorithms.ALGORITHMS[cfg.algorithm]
+    tuning = cfg.tuning
+    detail = "" if not kind.optimises else f"/i={tuning.rollback_distance}/R={tuning.unroll_steps}"
+    return f"{cfg.dataset.name}/{cfg.algorithm}/T={cfg.network_weight_steps}{detail}"
+
+
+def calibrate(cfg: config.Config) -> dict:
+    """Set-up seconds and seconds per weight step of runs like `cfg`: one window to warm up (it
+    carries one-off costs), then windows until CALIBRATION_SECONDS have been timed. A window
+    longer than CALIBRATION_STEPS is measured at that length (with as many unrolled steps) and
+    scaled: unrolled memory grows with the length, so such estimates are lower bounds."""
     import train
-    windows = min(CALIBRATION_WINDOWS, cfg.hyperparameter_steps)
+    steps = min(cfg.network_weight_steps, CALIBRATION_STEPS)
+    unroll = None if cfg.tuning.unroll_steps is None else min(cfg.tuning.unroll_steps, steps)
+    short = replace(cfg, network_weight_steps=steps, hyperparameter_steps=1,
+                    tuning=replace(cfg.tuning, unroll_steps=unroll))
     start = time.perf_counter()
-    learner = train.Learner(train.prepare(replace(cfg, hyperparameter_steps=windows)))
-    prepared = time.perf_counter() - start
-    return prepared, learner.train_windows() / (windows * cfg.network_weight_steps)
+    learner = train.Learner(train.prepare(short))
+    learner.show_progress = False
+    setup = time.perf_counter() - start
+    learner.train_windows()
+    timed, windows = 0.0, 0
+    while timed < CALIBRATION_SECONDS:
+        learner.cfg = replace(learner.cfg, hyperparameter_steps=learner.windows_done + 1)
+        timed += learner.train_windows()
+        windows += 1
+    return {"setup_seconds": round(setup, 4), "seconds_per_step": timed / (windows * steps), "windows": windows}
 
 
-def seconds_per_run(job: parallel_exec.Job, root: Path, cache: dict) -> float | None:
-    """Estimated seconds of a job: set-up plus its weight steps at the calibrated pace of the same
-    dataset, algorithm and T (None when the dataset is not processed yet)."""
-    cfg = job.config(root)
-    key = f"{cfg.dataset.name}/{cfg.algorithm}/{cfg.network_weight_steps}"
-    if key not in cache:
+def machine() -> dict:
+    """What the estimates assume: this machine, its load, the software."""
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": util.available_cores(), "load": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def calibrate_experiments(results: Path, workers: int, names: list[str], extra: tuple[str, ...] = ()) -> Path:
+    """Measure every kind of run the named experiments contain whose data is here (as one of
+    `workers` processes, so at the workers' thread count); store the table in the results folder,
+    added to what an earlier calibration there measured."""
+    util.share_cores(workers)
+    kinds: dict[str, config.Config] = {}
+    for name in names:
+        experiment = EXPERIMENTS[name]
+        if experiment.runner not in RUNS:
+            continue
+        with contextlib.suppress(ConfigError):       # a replay whose source has not run yet
+            for job in _representatives(experiment.jobs(name, results, extra=extra)):
+                cfg = job.config(results)
+                kinds.setdefault(calibration_key(cfg), cfg)
+    path = results / CALIBRATION
+    earlier = json.loads(path.read_text())["kinds"] if path.is_file() else {}
+    table = {"machine": machine() | {"workers": workers}, "kinds": earlier}
+    for number, (key, cfg) in enumerate(sorted(kinds.items()), 1):
         try:
-            if cfg.algorithm not in cache:      # its first run in a process pays one-off costs
-                cache[cfg.algorithm] = calibrate(cfg)
-            cache[key] = calibrate(cfg)
-        except ConfigError:
-            cache[key] = None
-    if cache[key] is None:
-        return None
-    prepared, per_step = cache[key]
-    return prepared + per_step * cfg.total_weight_steps
+            table["kinds"][key] = calibrate(cfg)
+            pace = f"{table['kinds'][key]['seconds_per_step'] * 1e3:.3g} ms/step"
+        except ConfigError as error:           # e.g. the dataset is not processed here
+            pace = f"skipped: {error}"
+        print(f"[{number}/{len(kinds)}] {key}: {pace}", flush=True)
+    results.mkdir(parents=True, exist_ok=True)
+    util.write_json(path, table)
+    return path
+
+
+def load_calibration(results: Path) -> tuple[dict, Path | None]:
+    """The results folder's calibration table, or the one shipped (measured where this was built);
+    an empty one if neither exists."""
+    for path in (results / CALIBRATION, SHIPPED_CALIBRATION):
+        if path.is_file():
+            return json.loads(path.read_text()), path
+    return {"machine": None, "kinds": {}}, None
+
+
+def estimate(jobs: list[parallel_exec.Job], results: Path, kinds: dict) -> tuple[float, int]:
+    """(Seconds of the jobs on one worker, how many of them have no calibrated pace)."""
+    total, missing = 0.0, 0
+    groups: dict[str, list[parallel_exec.Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job)
+    for members in groups.values():
+        cfg = members[0].config(results)
+        pace = kinds.get(calibration_key(cfg))
+        if pace is None:
+            missing += len(members)
+        else:
+            total += len(members) * (pace["setup_seconds"] + pace["seconds_per_step"] * cfg.total_weight_steps)
+    return total, missing
 
 
 def list_experiments(results: Path, workers: int) -> None:
-    cache: dict = {}
-    print(f"{'experiment':<34}{'runs':>8}{'estimated':>12}   description (estimates for {workers} workers)")
+    table, source = load_calibration(results)
+    measured = table["machine"]
+    if measured is None:
+        print("No calibration yet: `--calibrate` measures this machine, for the estimates.")
+    else:
+        print(f"Estimates for {workers} workers, from the calibration in {source} ({measured['date']}: "
+              f"{measured['cpu']}, {measured['cores']} cores, load {measured['load']}, {measured['workers']} "
+              f"workers); load here now {os.getloadavg()[0]:.2f}. `--calibrate` measures this machine.")
+    print(f"{'experiment':<34}{'runs':>8}{'estimated':>14}   description")
     for name, experiment in EXPERIMENTS.items():
-        if experiment.runner not in ("batch", "bayesopt"):
-            print(f"{name:<34}{'':>8}{'':>12}   {experiment.description} [runs with {experiment.runner}]")
+        if experiment.runner not in RUNS:
+            print(f"{name:<34}{'':>8}{'':>14}   {experiment.description} [runs with {experiment.runner}]")
             continue
         try:
             jobs = experiment.jobs(name, results)
-            if experiment.runner == "bayesopt":     # each job stands for a sequence of full runs
-                jobs *= BAYESOPT_EVALUATIONS
         except ConfigError:           # a replay whose source experiment has not run yet
-            print(f"{name:<34}{'':>8}{'':>12}   {experiment.description} [after {experiment.replays}]")
+            print(f"{name:<34}{'':>8}{'':>14}   {experiment.description} [after {experiment.replays}]")
             continue
-        # One run per (dataset, algorithm, setting) calibrates the pace; the rest are like it.
-        estimates = [seconds_per_run(job, results, cache) for job in _representatives(jobs)]
-        per_group = len(jobs) // max(len(estimates), 1)
-        if any(e is None for e in estimates):
-            when = "needs data"
-        else:
-            when = _duration(sum(estimates) * per_group / workers)
-        print(f"{name:<34}{len(jobs):>8}{when:>12}   {experiment.description}", flush=True)
+        runs = len(jobs) * (BAYESOPT_EVALUATIONS if experiment.runner == "bayesopt" else 1)
+        seconds, missing = estimate(jobs, results, table["kinds"])
+        seconds *= runs / len(jobs)
+        when = _duration(seconds / min(workers, runs)) if not missing else f"{missing} untimed"
+        print(f"{name:<34}{runs:>8}{when:>14}   {experiment.description}", flush=True)
 
 
 def _representatives(jobs: list[parallel_exec.Job]) -> list[parallel_exec.Job]:
@@ -226,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", nargs="?", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
                         help="the experiment to run (see --list)")
-    parser.add_argument("--list", action="store_true", help="list the experiments with run counts and estimates")
+    parser.add_argument("--list", action="store_true",
+                        help="list the experiments with run counts and time estimates (from the stored calibration)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="time a few windows of each kind of run of EXPERIMENT (default: all) here, at the "
+                             "workers' thread count, and store the table in the results folder, for --list")
     parser.add_argument("--parse", type=Path, metavar="DIR", help="summarise the runs in a results folder")
     parser.add_argument("-l", "--results", type=Path, default=Path("runs/paper"), metavar="DIR",
                         help="results folder (default runs/paper)")
@@ -237,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py override for every run (e.g. hyperparameter_steps=50)")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        names = [args.experiment] if args.experiment else list(EXPERIMENTS)
+        path = calibrate_experiments(args.results, args.workers, names, tuple(args.overrides))
+        print(f"calibration stored in {path}")
+        return 0
     if args.list:
         list_experiments(args.results, args.workers)
         return 0

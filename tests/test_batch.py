@@ -128,6 +128,25 @@ def test_run_all_lists_experiments_with_run_counts(tmp_path):
     assert "after fashion_mnist" in lines["fashion_mnist_BatchNorm"]
 
 
+def test_list_estimates_from_a_calibration_that_calibrate_stores(tmp_path, data_dir, monkeypatch, capsys):
+    assert run_all.main(["--calibrate", "uci_yacht", "-l", str(tmp_path), "--workers", "1",
+                         "--set", f"dataset.data_dir={data_dir}"]) == 0
+    table = json.loads((tmp_path / "calibration.json").read_text())
+    assert len(table["kinds"]) == 9 and all(kind["seconds_per_step"] > 0 for kind in table["kinds"].values())
+    assert table["machine"]["cores"] >= 1 and table["machine"]["workers"] == 1
+    capsys.readouterr()
+
+    def no_training(*_):
+        raise AssertionError("--list must not train anything")
+    monkeypatch.setattr(run_all, "calibrate", no_training)
+    assert run_all.main(["--list", "-l", str(tmp_path), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "calibration.json") in out.splitlines()[0]
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert lines["uci_yacht"][1] == "1800" and lines["uci_yacht"][3] in ("s", "min", "h")
+    assert "untimed" not in lines["uci_yacht"]
+
+
 def test_bayesopt_proposes_within_the_ranges_and_resumes_exactly(tmp_path):
     import bayesopt
     folder = tmp_path / "sequence"
