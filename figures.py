@@ -22,9 +22,11 @@ import util
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The paper's order of algorithms (the 3-batched Random comes after the stepped-lr one).
+# The paper's order of algorithms (the 3-batched Random comes after the stepped-lr one, the exact
+# Baydin beside Baydin's, in its lighter shade).
 ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Validation", "Random_TrainingSetOnly",
-                   "Lorraine", "Baydin", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum", "DiffThroughOpt",
+                   "Lorraine", "Baydin", "Baydin_Exact", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
+                   "DiffThroughOpt",
                    "LongDiffThroughOpt_UCI_Standalone", "LongDiffThroughOpt_UCI_Full",
                    "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium")
 BOOTSTRAP_SAMPLES = 1000
@@ -63,6 +65,17 @@ def summarise(values: np.ndarray, threshold: float = math.inf, seed: int = 0) ->
     return Summary(float(kept.mean()), bootstrap_standard_error(kept, np.mean, seed=seed),
                    float(np.median(kept)), bootstrap_standard_error(kept, np.median, seed=seed),
                    float(kept.min()), len(kept), len(values) - len(kept))
+
+
+def three_batched_note(runs: int) -> str:
+    """What the Random_3Batched row of a table is built from, and why it may lack a statistic."""
+    triples, what = runs // 3, "the test value of the run with the best final validation loss in each"
+    if triples == 0:
+        return (f"Random_3Batched: {what} random triple of the Random_Validation runs; {runs} runs make no triple, "
+                f"so its row has no value (-).")
+    left_over = f" ({runs % 3} left over, dropped)" if runs % 3 else ""
+    note = f"Random_3Batched: {what} of {triples} random triples of the {runs} Random_Validation runs{left_over}."
+    return note + (" One triple (fewer than 6 runs) gives one value: no standard error." if triples == 1 else "")
 
 
 def three_batched(test: np.ndarray, validation: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -141,45 +154,78 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# Figures: one colour per algorithm everywhere.
+# Figures: one colour, line style and marker per algorithm everywhere.
+
+LINE_STYLES = ("-", "--", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)))   # the last dash-dot-dot: dots fade in light shades
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+MARKERS_PER_CURVE = 8
+
+
+def place(algorithm: str) -> int:
+    """An algorithm's fixed index into the palette and the style cycles; unknown names by a stable
+    checksum (Python's str hash differs from process to process)."""
+    return ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else zlib.crc32(algorithm.encode())
+
 
 def colour(algorithm: str) -> tuple | str:
     if algorithm == BAYESOPT:
         return "black"
     palette = plt.get_cmap("tab20").colors
-    # Unknown names by a stable checksum (Python's str hash differs from process to process).
-    index = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else zlib.crc32(algorithm.encode())
-    return palette[index % len(palette)]
+    return palette[place(algorithm) % len(palette)]
 
 
-def new_figure(width: float = 5.5, height: float = 3.4) -> tuple[plt.Figure, plt.Axes]:
+def line_style(algorithm: str, position: int = 0, count: int = 1, points: int = 1) -> dict:
+    """Keywords of `algorithm`'s curve, the `position`th of `count` on its axes, of `points` points.
+    Curves can coincide (on UCI Energy, Random, Random_Validation, Lorraine and Baydin_Exact nearly
+    do), so beside its colour each has a line style and a hollow marker of its own (hollow markers
+    of different shapes at one point all show), markers staggered by position along long curves,
+    and solid lines under dashed ones, whose gaps show what lies beneath."""
+    index, every = place(algorithm), max(1, points // MARKERS_PER_CURVE)
+    style = index % len(LINE_STYLES)
+    return {"color": colour(algorithm), "linestyle": LINE_STYLES[style], "zorder": 2 + 0.1 * style,
+            "marker": MARKERS[index % len(MARKERS)], "markevery": (position * every // max(count, 1), every),
+            "markerfacecolor": "none", "markersize": 4.5, "linewidth": 1.3, "alpha": 0.9, "label": algorithm}
+
+
+def new_figure(width: float = 7.0, height: float = 3.4) -> tuple[plt.Figure, plt.Axes]:
     figure, axes = plt.subplots(figsize=(width, height), layout="constrained")
     axes.grid(alpha=0.3)
     return figure, axes
 
 
+def outside_legend(axes: plt.Axes) -> None:
+    """The legend to the right of the axes, so that it covers no data."""
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, frameon=False)
+
+
 def save(figure: plt.Figure, path: Path) -> list[Path]:
-    """Write `path` as PNG and PDF; returns both paths."""
+    """Write `path` as PNG and PDF (cropped to what is drawn, legends outside the axes included);
+    returns both paths."""
     written = []
     for suffix in (".png", ".pdf"):
         target = path.with_suffix(suffix)
-        figure.savefig(target, dpi=150)
+        figure.savefig(target, dpi=150, bbox_inches="tight")
         written.append(target)
     plt.close(figure)
     return written
 
 
+def plottable_cdfs(values: dict[str, np.ndarray]) -> bool:
+    """Whether some algorithm has the 2 finite values a CDF needs to be more than a point."""
+    return any(np.isfinite(data).sum() >= 2 for data in values.values())
+
+
 def plot_cdfs(axes: plt.Axes, values: dict[str, np.ndarray], xlabel: str) -> None:
     """Empirical CDF of each algorithm's final values (finite ones; log x-axis)."""
-    for algorithm, data in values.items():
-        finite = np.sort(data[np.isfinite(data)])
-        if len(finite):
-            axes.step(finite, np.arange(1, len(finite) + 1) / len(data), where="post", label=algorithm,
-                      color=colour(algorithm))
+    shown = {algorithm: np.sort(data[np.isfinite(data)]) for algorithm, data in values.items()}
+    shown = {algorithm: finite for algorithm, finite in shown.items() if len(finite)}
+    for position, (algorithm, finite) in enumerate(shown.items()):
+        axes.step(finite, np.arange(1, len(finite) + 1) / len(values[algorithm]), where="post",
+                  **line_style(algorithm, position, len(shown), len(finite)))
     axes.set_xscale("log")
     axes.set_xlabel(xlabel)
     axes.set_ylabel("fraction of runs at or below")
-    axes.legend(fontsize=6, ncols=2)
+    outside_legend(axes)
 
 
 def bootstrap_median_band(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
@@ -192,23 +238,39 @@ def bootstrap_median_band(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a column with no values at all gives NaN
         for start in range(0, values.shape[1], block):
-            medians = np.nanmedian(values[:, start:start + block][rows], axis=1)
+            medians = nanmedian(values[:, start:start + block][rows], axis=1)
             band[:, start:start + block] = np.nanpercentile(medians, [50, 16, 84], axis=0)
     return band[0], band[1], band[2]
+
+
+def nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
+    """np.nanmedian by sorting (NaNs sort last); NaN where a slice has no value. NumPy's own goes
+    through masked arrays along a short axis, some 15 times slower on the bootstrap's resamples."""
+    ordered = np.sort(values, axis=axis)
+    count = np.expand_dims((~np.isnan(values)).sum(axis=axis), axis)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=axis)
+    high = np.take_along_axis(ordered, np.minimum(count // 2, ordered.shape[axis] - 1), axis=axis)
+    return np.squeeze(np.where(count > 0, (low + high) / 2, np.nan), axis=axis)
 
 
 def plot_envelopes(axes: plt.Axes, curves: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str,
                    ylabel: str) -> None:
     """Each algorithm's bootstrap median of its curves (x, values[run, x]), with the central 68% of
-    the bootstrap medians as a band; log y."""
-    for algorithm, (x, values) in curves.items():
+    the bootstrap medians as a band; log y. Algorithms without a value are left out."""
+    shown = {algorithm: curve for algorithm, curve in curves.items() if has_values(curve[1])}
+    for position, (algorithm, (x, values)) in enumerate(shown.items()):
         centre, low, high = bootstrap_median_band(values)
-        axes.plot(x, centre, label=algorithm, color=colour(algorithm), linewidth=1)
-        axes.fill_between(x, low, high, color=colour(algorithm), alpha=0.2, linewidth=0)
+        axes.plot(x, centre, **line_style(algorithm, position, len(shown), len(x)))
+        axes.fill_between(x, low, high, color=colour(algorithm), alpha=0.15, linewidth=0)
     axes.set_yscale("log")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
-    axes.legend(fontsize=6, ncols=2)
+    outside_legend(axes)
+
+
+def has_values(values: np.ndarray) -> bool:
+    """Whether curves values[run, x] hold a finite value to draw."""
+    return values.size > 0 and bool(np.isfinite(values).any())
 
 
 def on_time_grid(runs: list[util.Run], tag: str, points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -221,8 +283,7 @@ def on_time_grid(runs: list[util.Run], tag: str, points: int = 1000) -> tuple[np
     return grid, values
 
 
-def plot_trajectories(axes: plt.Axes, runs: list[util.Run], tag: str, ylabel: str, count: int = 20,
-                      seed: int = 0) -> None:
+def plot_trajectories(axes: plt.Axes, runs: list[util.Run], tag: str, count: int = 20, seed: int = 0) -> None:
     """`count` randomly chosen runs' trajectories of `tag` (e.g. Last_Hyperparameter/Lr), log y."""
     chosen = np.random.default_rng(seed).permutation(len(runs))[:count]
     for index in chosen:
@@ -230,27 +291,51 @@ def plot_trajectories(axes: plt.Axes, runs: list[util.Run], tag: str, ylabel: st
         if scalar is not None:
             axes.plot(scalar.steps, scalar.values, linewidth=0.8, alpha=0.8)
     axes.set_yscale("log")
-    axes.set_xlabel("hyperparameter step")
-    axes.set_ylabel(ylabel)
+
+
+def trajectory_panels(groups: dict[str, list[util.Run]], tag: str, ylabel: str, columns: int = 3) -> plt.Figure:
+    """One panel of sample trajectories of `tag` per algorithm, at most `columns` to a row (one
+    wide strip of panels is unreadable)."""
+    columns = min(columns, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(2.8 * columns, 2.3 * rows), layout="constrained",
+                                  squeeze=False)
+    for axes, (algorithm, runs) in zip(panels.flat, groups.items(), strict=False):
+        plot_trajectories(axes, runs, tag)
+        axes.set_title(algorithm, fontsize=8)
+        axes.grid(alpha=0.3)
+    for axes in panels.flat[len(groups):]:
+        axes.set_visible(False)
+    figure.supxlabel("hyperparameter step", fontsize=9)
+    figure.supylabel(ylabel, fontsize=9)
+    return figure
 
 
 def plot_violins(axes: plt.Axes, values: dict[str, np.ndarray], ylabel: str) -> None:
-    names = [name for name, data in values.items() if len(data)]
-    parts = axes.violinplot([values[name] for name in names], showmedians=True)
+    """Each algorithm's distribution of `values` (finite ones; algorithms with none left out)."""
+    finite = {name: data[np.isfinite(data)] for name, data in values.items()}
+    names = [name for name, data in finite.items() if len(data)]
+    parts = axes.violinplot([finite[name] for name in names], showmedians=True)
     for body, name in zip(parts["bodies"], names, strict=True):
-        body.set_facecolor(colour(name))
+        body.set(facecolor=colour(name), edgecolor=colour(name), alpha=0.5)
+    for lines in ("cbars", "cmins", "cmaxes", "cmedians"):
+        parts[lines].set_color([colour(name) for name in names])
     axes.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=7)
     axes.set_ylabel(ylabel)
 
 
 def plot_heatmap(axes: plt.Axes, grid: np.ndarray, xlabel: str, ylabel: str, label: str) -> None:
-    """grid[row = T - 1, column = i - 1] (NaN where no runs), log colour scale."""
+    """grid[row = T - 1, column = i - 1] (NaN where no runs), log colour scale, integer ticks. The
+    cells need not be square: an axes shrunk to square ones leaves a long x label under the colour bar."""
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
     finite = grid[np.isfinite(grid) & (grid > 0)]
     norm = LogNorm(finite.min(), finite.max()) if len(finite) else None
-    image = axes.imshow(grid, origin="lower", norm=norm, cmap="viridis",
+    image = axes.imshow(grid, origin="lower", norm=norm, cmap="viridis", aspect="auto",
                         extent=(0.5, grid.shape[1] + 0.5, 0.5, grid.shape[0] + 0.5))
     axes.figure.colorbar(image, ax=axes, label=label)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(False)

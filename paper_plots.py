@@ -27,15 +27,29 @@ import figures
 import util
 
 ERROR_FLOOR = 1e-7        # relative errors drawn on a log scale: exact agreement shows at this floor
+LR = "Last_Hyperparameter/Lr"
+# What a figure calls the tags it shows: a raw TensorBoard tag is no axis label.
+LABELS = {"Unnormalised_Loss/Test": "test MSE (target units)", "Perplexity/Test": "test perplexity",
+          "Loss/Test": "test loss", LR: "learning rate"}
 
 
 def headline(dataset: str) -> tuple[str, str]:
-    """The metric a dataset is judged by, and its axis label."""
+    """The metric a dataset is judged by (its final value), and its axis label."""
     if dataset.startswith("uci_"):
-        return "Unnormalised_Loss/Test", "final test MSE (target units)"
-    if dataset.startswith("penn_treebank"):
-        return "Perplexity/Test", "final test perplexity"
-    return "Loss/Test", "final test loss"
+        tag = "Unnormalised_Loss/Test"
+    elif dataset.startswith("penn_treebank"):
+        tag = "Perplexity/Test"
+    else:
+        tag = "Loss/Test"
+    return tag, f"final {LABELS[tag]}"
+
+
+def curve_metric(dataset: str) -> tuple[str, str]:
+    """The metric of a dataset's loss curves, and its axis label: the headline's, but the test loss
+    (the log of the perplexity) for Penn Treebank."""
+    tag = headline(dataset)[0]
+    tag = "Loss/Test" if tag == "Perplexity/Test" else tag
+    return tag, LABELS[tag]
 
 
 @dataclass
@@ -96,53 +110,75 @@ def main_figures(report: Report, prefix: str, title: str, runs: list[util.Run], 
     for run in sorted(runs, key=lambda run: figures.order_key(run.config["algorithm"])):
         runs_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
     finals = figures.final_values_by_algorithm({str(i): run for i, run in enumerate(runs)}, tag)
-    summaries = {algorithm: figures.summarise(values) for algorithm, values in finals.items()}
-    header, rows, latex = figures.results_table(summaries)
-    (report.out / f"{prefix}_table.tex").write_text("\n".join(latex) + "\n")
-    report.add(f"{title}: results table", f"{label}: mean and median over initialisations (± bootstrap standard "
-               f"error, 1000 resamples), best, and diverged runs (left out); bold: the best, or within the "
-               f"best's standard error of it. LaTeX rows: {prefix}_table.tex.",
-               text=figures.markdown_table(header, rows))
+    results_table(report, prefix, title, label, finals, len(runs_by_algorithm.get("Random_Validation", ())))
 
-    figure, axes = figures.new_figure()
-    figures.plot_cdfs(axes, finals, label)
-    report.add(f"{title}: CDF", f"Empirical CDF of the {label} of every run, per algorithm.",
-               figures.save(figure, report.out / f"{prefix}_cdf"))
-
-    per_step = "Loss/Test" if tag != "Unnormalised_Loss/Test" else "Unnormalised_Loss/Test"
-    for axis in ("step", "time"):
-        curves = {}
-        for algorithm, group in runs_by_algorithm.items():
-            curves[algorithm] = (util.stack(group, per_step) if axis == "step"
-                                 else figures.on_time_grid(group, per_step))
-        xlabel = "weight step" if axis == "step" else "wall time (s)"
+    if figures.plottable_cdfs(finals):
         figure, axes = figures.new_figure()
-        figures.plot_envelopes(axes, curves, xlabel, per_step)
-        report.add(f"{title}: envelope against {axis}", f"Bootstrap median of {per_step} over runs (band: the "
-                   f"central 68% of 1000 bootstrap medians), against {xlabel}.",
-                   figures.save(figure, report.out / f"{prefix}_envelope_{axis}"))
+        figures.plot_cdfs(axes, finals, label)
+        report.add(f"{title}: CDF", f"Empirical CDF of the {label} of every run, per algorithm.",
+                   figures.save(figure, report.out / f"{prefix}_cdf"))
+    else:
+        report.skip(f"{title}: CDF", "no algorithm has 2 runs with a finite final value (the CDF of one run is "
+                    "a single point)")
+
+    envelope_figures(report, prefix, title, runs_by_algorithm, dataset)
 
     tuned = {algorithm: group for algorithm, group in runs_by_algorithm.items()
-             if any(changes(run, "Last_Hyperparameter/Lr") for run in group)}
+             if any(changes(run, LR) for run in group)}
     if tuned:
-        figure, axes = figures.new_figure(width=2.6 * len(tuned), height=2.8)
-        figure.clear()
-        for index, (algorithm, group) in enumerate(tuned.items()):
-            axes = figure.add_subplot(1, len(tuned), index + 1)
-            figures.plot_trajectories(axes, group, "Last_Hyperparameter/Lr", "learning rate" if index == 0 else "")
-            axes.set_title(algorithm, fontsize=8)
         report.add(f"{title}: learning-rate trajectories", "The learning rate of 20 randomly chosen runs of each "
                    "algorithm that changes it, at every hyperparameter step.",
-                   figures.save(figure, report.out / f"{prefix}_learning_rates"))
+                   figures.save(figures.trajectory_panels(tuned, LR, LABELS[LR]),
+                                report.out / f"{prefix}_learning_rates"))
     else:
         report.skip(f"{title}: learning-rate trajectories", "no run here changes its learning rate")
 
     seconds = {algorithm: np.array([run.metrics.get("train_seconds", math.nan) for run in group])
                for algorithm, group in runs_by_algorithm.items()}
-    figure, axes = figures.new_figure()
-    figures.plot_violins(axes, seconds, "training time per run (s)")
-    report.add(f"{title}: run times", "Distribution of each algorithm's training seconds per run.",
-               figures.save(figure, report.out / f"{prefix}_runtimes"))
+    if any(np.isfinite(values).any() for values in seconds.values()):
+        figure, axes = figures.new_figure()
+        figures.plot_violins(axes, seconds, "training time per run (s)")
+        report.add(f"{title}: run times", "Distribution of each algorithm's training seconds per run.",
+                   figures.save(figure, report.out / f"{prefix}_runtimes"))
+    else:
+        report.skip(f"{title}: run times", "no run records its training seconds (metrics.json's train_seconds)")
+
+
+def results_table(report: Report, prefix: str, title: str, label: str, finals: dict[str, np.ndarray],
+                  validation_runs: int) -> None:
+    """The table of final values (Markdown in the report, LaTeX rows beside it), with a note on each
+    row that lacks a statistic, saying why."""
+    summaries = {algorithm: figures.summarise(values) for algorithm, values in finals.items()}
+    header, rows, latex = figures.results_table(summaries)
+    (report.out / f"{prefix}_table.tex").write_text("\n".join(latex) + "\n")
+    notes = [figures.three_batched_note(validation_runs)] if "Random_3Batched" in finals else []
+    for name, summary in summaries.items():
+        total = summary.runs + summary.diverged
+        if name != "Random_3Batched" and summary.runs < 2:       # the 3-batched row's note says why
+            notes.append(f"{name}: only 1 of {total} runs ended with a finite value, so no standard error."
+                         if summary.runs else f"{name}: none of {total} runs ended with a finite value, so its "
+                         f"row has no value (-).")
+    report.add(f"{title}: results table", f"{label}: mean and median over initialisations (± bootstrap standard "
+               f"error, 1000 resamples), best, and diverged runs (left out); bold: the best, or within the "
+               f"best's standard error of it. LaTeX rows: {prefix}_table.tex.",
+               text="\n\n".join([figures.markdown_table(header, rows), *notes]))
+
+
+def envelope_figures(report: Report, prefix: str, title: str, runs_by_algorithm: dict[str, list[util.Run]],
+                     dataset: str) -> None:
+    """The loss envelopes against weight step and against wall time (skipped when no run logs the curve)."""
+    tag, label = curve_metric(dataset)
+    for axis, xlabel in (("step", "weight step"), ("time", "wall time (s)")):
+        curves = {algorithm: util.stack(group, tag) if axis == "step" else figures.on_time_grid(group, tag)
+                  for algorithm, group in runs_by_algorithm.items()}
+        if not any(figures.has_values(values) for _, values in curves.values()):
+            report.skip(f"{title}: envelope against {axis}", f"no run logs a finite {label} ({tag}) during training")
+            continue
+        figure, axes = figures.new_figure()
+        figures.plot_envelopes(axes, curves, xlabel, label)
+        report.add(f"{title}: envelope against {axis}", f"Bootstrap median of the {label} over runs (band: the "
+                   f"central 68% of 1000 bootstrap medians), against {xlabel}.",
+                   figures.save(figure, report.out / f"{prefix}_envelope_{axis}"))
 
 
 def sensitivity_figure(report: Report, prefix: str, title: str, runs: list[util.Run], dataset: str) -> None:
@@ -157,7 +193,7 @@ def sensitivity_figure(report: Report, prefix: str, title: str, runs: list[util.
         for (steps, terms), values in cells.items():
             finite = np.array(values)[np.isfinite(values)]
             grid[steps - 1, terms - 1] = np.median(finite) if len(finite) else np.nan
-        figure, axes = figures.new_figure(width=4.2, height=3.4)
+        figure, axes = figures.new_figure(width=5.2, height=3.6)
         figures.plot_heatmap(axes, grid, "i (look-back)", "T (weight steps per hyperparameter step)",
                              f"median {label}")
         report.add(f"{title}: sensitivity of {algorithm}", f"Median {label} over initialisations for each T and i.",
@@ -186,7 +222,7 @@ def hypergradient_comparison(report: Report, prefix: str, title: str, runs: list
         grid = np.full((largest, largest), np.nan)
         for (steps, terms), values in errors.items():
             grid[steps - 1, terms - 1] = max(np.median(values), ERROR_FLOOR)
-        figure, axes = figures.new_figure(width=4.2, height=3.4)
+        figure, axes = figures.new_figure(width=5.2, height=3.6)
         figures.plot_heatmap(axes, grid, "i (Neumann terms; unrolled steps R = i)", "T (weight steps)",
                              "median relative error")
         report.add(f"{title}: hypergradient error ({name})", f"Relative error of the implicit (Ours) first "
@@ -267,18 +303,17 @@ def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], oth
     values = np.array([np.where(grid >= times[0], values[np.clip(np.searchsorted(times, grid, side="right") - 1,
                                                                   0, None)], np.nan) for times, values in curves])
     figure, axes = figures.new_figure()
-    per_step = "Loss/Test" if tag != "Unnormalised_Loss/Test" else tag
     others_by_algorithm: dict[str, list[util.Run]] = {}
     for run in sorted(others, key=lambda run: figures.order_key(run.config["algorithm"])):
         others_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
-    envelopes = {algorithm: figures.on_time_grid(group, per_step) for algorithm, group in others_by_algorithm.items()}
+    envelopes = {algorithm: figures.on_time_grid(group, tag) for algorithm, group in others_by_algorithm.items()}
     envelopes[figures.BAYESOPT] = (grid, values)
-    figures.plot_envelopes(axes, envelopes, "wall time (s)", label)
+    figures.plot_envelopes(axes, envelopes, "wall time (s)", LABELS[tag])
     axes.set_xscale("symlog", linthresh=0.1)
     report.add(f"Bayesian optimisation, {dataset}: best so far against time",
                f"Bayesian optimisation ({len(curves)} repetitions): the {label} of the run with the best validation "
                f"objective so far, against the cumulative training time of its sequence; the other algorithms: their "
-               f"{per_step} during one run against its elapsed time. Medians, with the central 68% of bootstrap "
+               f"{LABELS[tag]} during one run against its elapsed time. Medians, with the central 68% of bootstrap "
                f"medians.",
                figures.save(figure, report.out / f"bayesopt_{dataset}_best_so_far"))
 

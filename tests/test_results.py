@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -109,6 +110,15 @@ def test_bootstrap_standard_error_matches_the_direct_computation():
     assert abs(got - exact) / exact < 0.03
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")           # numpy's, on the slices with no value
+def test_nanmedian_is_numpys():
+    import figures
+    values = np.random.default_rng(2).normal(size=(50, 7, 40))
+    values[np.random.default_rng(3).random(values.shape) < 0.4] = np.nan
+    values[:, :, 0], values[:, 0, 1], values[:, 1, 1] = np.nan, np.inf, -np.inf
+    np.testing.assert_array_equal(figures.nanmedian(values, axis=1), np.nanmedian(values, axis=1))
+
+
 def test_summary_excludes_and_counts_diverged_runs():
     import figures
     summary = figures.summarise(np.array([1.0, 2.0, 3.0, np.nan, np.inf, 500.0]), threshold=100.0)
@@ -148,15 +158,117 @@ def write_run(run_dir, algorithm: str, final_test: float, lr_path: list[float], 
     log.close()
 
 
-def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path, capsys):
-    import paper_plots
-    finals = {"Random": [4.0, 2.0, 9.0, 1.0], "Random_Validation": [3.0, 5.0, 7.0, 6.0, 8.0, 2.0],
-              "Ours_LR_Momentum": [0.5, 0.25, 1.0, 0.75]}
+def write_main_experiment(root, finals: dict[str, list[float]], experiment: str = "main") -> None:
+    """A main experiment's runs with these final test values (Random ones at a fixed learning rate)."""
     for algorithm, values in finals.items():
         for index, value in enumerate(values):
             lrs = [1e-3] * 5 if algorithm.startswith("Random") else [1e-3 * 1.5**k for k in range(5)]
-            write_run(tmp_path / "results" / "main" / "uci_energy" / algorithm / f"run{index}", algorithm, value, lrs,
+            write_run(root / experiment / "uci_energy" / algorithm / f"run{index}", algorithm, value, lrs,
                       seconds=1.0 + index)
+
+
+def write_studies(root) -> None:
+    """Runs of the sensitivity study, the hypergradient comparison, the proof of concept and
+    Bayesian optimisation."""
+    for steps, terms in [(1, 1), (2, 1), (2, 2)]:
+        for seed in range(3):
+            group = f"Update{steps}_Rollback{terms}"
+            # Sensitivity runs (5 windows) and comparison runs (2 windows, Ours 10% off DTO's hypergradient).
+            write_run(root / "sensitivity" / "uci_energy" / "Ours_LR_Momentum" / group / f"r{seed}",
+                      "Ours_LR_Momentum", steps + terms + seed, [1e-3] * 5, 1.0, seed)
+            for algorithm, scale in (("Ours_LR_Momentum", 1.1), ("DiffThroughOpt", 1.0)):
+                write_run(root / "comparison" / "uci_energy" / algorithm / group / f"r{seed}", algorithm, 1.0,
+                          [1e-3, 2e-3], 1.0, seed, windows=2, extra={"Last_Hypergradient/Lr": 0.5 * scale})
+    for seed in range(12):
+        write_run(root / "concept" / "uci_energy" / "Random" / f"r{seed}", "Random", 1.0 + seed, [10 ** -(seed % 6)],
+                  1.0, seed)
+    write_run(root / "concept" / "uci_energy" / "Ours_LR" / "r0", "Ours_LR", 0.5, [1e-3, 3e-3, 1e-2], 1.0)
+    for k in range(4):
+        write_run(root / "bayesopt" / "uci_energy" / "repetition_0" / f"{k:02d}", "Random_Validation", 4.0 - k,
+                  [1e-3], 2.0, seed=k)
+
+
+def run_paper_plots(root, out) -> dict:
+    """paper_plots.main on `root` into `out`: {name: figure} of every figure saved."""
+    import figures
+    import paper_plots
+    saved, save = {}, figures.save
+
+    def keeping_save(figure, path):
+        saved[path.name] = figure
+        return save(figure, path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "save", keeping_save)
+        assert paper_plots.main([str(root), "--out", str(out)]) == 0
+    return saved
+
+
+def assert_real_pictures(out) -> None:
+    """Every PNG written, opened: a picture of sensible size and shape with something drawn in it,
+    and every one the report shows among them."""
+    from matplotlib.image import imread
+    written = sorted(out.glob("*.png"))
+    assert written
+    for path in written:
+        image = imread(path)
+        height, width = image.shape[:2]
+        assert 200 <= min(height, width) and width <= 4 * height and height <= 4 * width, (path.name, image.shape)
+        colours = np.round(image * 255).astype(np.uint32) @ (1 << np.arange(0, 8 * image.shape[-1], 8, dtype=np.uint32))
+        assert len(np.unique(colours)) > 50, path.name            # not a blank page
+    shown = re.findall(r"\]\(([^)]+\.png)\)", (out / "report.md").read_text())
+    assert shown and set(shown) <= {path.name for path in written}
+
+
+def pixels(figure) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(figure)              # a closed figure has lost its own
+    canvas.draw()
+    return np.array(canvas.buffer_rgba(), dtype=int)[..., :3]
+
+
+def axis_labels(figure) -> list[str]:
+    labels = [figure.get_supxlabel(), figure.get_supylabel()]
+    labels += [label for axes in figure.axes if axes.get_visible() for label in (axes.get_xlabel(), axes.get_ylabel())]
+    return [label for label in labels if label]
+
+
+def covered(figure) -> list[str]:
+    """Legends that lie over their axes' data, and axis labels that lie under other axes (such as
+    a colour bar)."""
+    pixels(figure)                                  # lays the figure out
+    shown, found = [axes for axes in figure.axes if axes.get_visible()], []
+    for axes in shown:
+        legend = axes.get_legend()
+        if legend and legend.get_window_extent().overlaps(axes.get_window_extent()):
+            found.append("legend")
+        for label in (axes.xaxis.label, axes.yaxis.label):
+            if label.get_text() and any(label.get_window_extent().overlaps(other.get_window_extent())
+                                        for other in shown if other is not axes):
+                found.append(label.get_text())
+    return found
+
+
+def own_pixels(figure, label: str) -> int:
+    """How many pixels the curve labelled `label` visibly changes: none when it lies hidden under
+    another (the legend, which would show it anyway, left out)."""
+    legend, (line,) = figure.axes[0].get_legend(), [line for line in figure.axes[0].get_lines()
+                                                   if line.get_label() == label]
+    legend.set_visible(False)
+    whole = pixels(figure)
+    line.set_visible(False)
+    changed = int((np.abs(pixels(figure) - whole).max(axis=-1) > 64).sum())
+    line.set_visible(True)
+    legend.set_visible(True)
+    return changed
+
+
+MAIN_FINALS = {"Random": [4.0, 2.0, 9.0, 1.0], "Random_Validation": [3.0, 5.0, 7.0, 6.0, 8.0, 2.0],
+               "Ours_LR_Momentum": [0.5, 0.25, 1.0, 0.75]}
+
+
+def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path, capsys):
+    import paper_plots
+    write_main_experiment(tmp_path / "results", MAIN_FINALS)
     assert paper_plots.main([str(tmp_path / "results"), "--out", str(tmp_path / "paper")]) == 0
     out = tmp_path / "paper"
     for name in ("cdf", "envelope_step", "envelope_time", "learning_rates", "runtimes"):
@@ -182,31 +294,79 @@ def test_paper_plots_says_what_it_could_not_make(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_paper_plots_makes_the_study_figures_from_their_runs(tmp_path, capsys):
+# Six algorithms that tune the learning rate (a strip of 6 panels is too wide to read), and
+# Lorraine's and Baydin_Exact's runs the same as Random's, so that their curves coincide (as they
+# nearly do on UCI Energy).
+EVERY_FINALS = MAIN_FINALS | {"Lorraine": MAIN_FINALS["Random"], "Baydin_Exact": MAIN_FINALS["Random"],
+                              "Baydin": [0.4, 0.6, 0.8], "Ours_HDLR_Momentum": [0.3, 0.5], "DiffThroughOpt": [0.2, 0.9]}
+COINCIDING = ("Random", "Lorraine", "Baydin_Exact")
+
+
+@pytest.fixture(scope="module")
+def every_figure(tmp_path_factory) -> tuple:
+    """The output folder and figures of paper_plots on a main experiment and every study."""
+    root = tmp_path_factory.mktemp("every_figure")
+    write_main_experiment(root / "results", EVERY_FINALS)
+    write_studies(root / "results")
+    return root / "paper", run_paper_plots(root / "results", root / "paper")
+
+
+def test_paper_plots_makes_the_study_figures_from_their_runs(every_figure):
     """Sensitivity grid, hypergradient comparison, proof of concept and Bayesian optimisation."""
-    import paper_plots
-    root = tmp_path / "results"
-    for steps, terms in [(1, 1), (2, 1), (2, 2)]:
-        for seed in range(3):
-            group = f"Update{steps}_Rollback{terms}"
-            # Sensitivity runs (5 windows) and comparison runs (2 windows, Ours 10% off DTO's hypergradient).
-            write_run(root / "sensitivity" / "uci_energy" / "Ours_LR_Momentum" / group / f"r{seed}",
-                      "Ours_LR_Momentum", steps + terms + seed, [1e-3] * 5, 1.0, seed)
-            for algorithm, scale in (("Ours_LR_Momentum", 1.1), ("DiffThroughOpt", 1.0)):
-                write_run(root / "comparison" / "uci_energy" / algorithm / group / f"r{seed}", algorithm, 1.0,
-                          [1e-3, 2e-3], 1.0, seed, windows=2, extra={"Last_Hypergradient/Lr": 0.5 * scale})
-    for seed in range(12):
-        write_run(root / "concept" / "uci_energy" / "Random" / f"r{seed}", "Random", 1.0 + seed, [10 ** -(seed % 6)],
-                  1.0, seed)
-    write_run(root / "concept" / "uci_energy" / "Ours_LR" / "r0", "Ours_LR", 0.5, [1e-3, 3e-3, 1e-2], 1.0)
-    for k in range(4):
-        write_run(root / "bayesopt" / "uci_energy" / "repetition_0" / f"{k:02d}", "Random_Validation", 4.0 - k,
-                  [1e-3], 2.0, seed=k)
-    assert paper_plots.main([str(root), "--out", str(tmp_path / "paper")]) == 0
-    out, report = tmp_path / "paper", (tmp_path / "paper" / "report.md").read_text()
+    out, _ = every_figure
+    report = (out / "report.md").read_text()
     for name in ("sensitivity_uci_energy_sensitivity_Ours_LR_Momentum", "comparison_uci_energy_hypergradient_error_Lr",
                  "concept_uci_energy_proof_of_concept", "bayesopt_uci_energy_best_so_far"):
         assert (out / f"{name}.png").stat().st_size > 5000 and (out / f"{name}.pdf").is_file(), name
     assert "median over 9 pairs" in report                # 3 settings x 3 seeds of Ours against DTO
     assert "Bayesian optimisation (1 repetitions)" in report
-    assert "skipped meta-dataset scaling figure" in capsys.readouterr().out
+    assert "- meta-dataset scaling figure: no finished meta_dataset runs" in report
+
+
+def test_every_figure_file_is_a_real_picture(every_figure):
+    out, saved = every_figure
+    assert len(saved) == 14 and {path.stem for path in out.glob("*.png")} == set(saved)
+    assert_real_pictures(out)
+
+
+def test_figures_label_their_axes_in_words_and_cover_neither_data_nor_labels(every_figure):
+    _, saved = every_figure
+    for name, figure in saved.items():
+        labels = axis_labels(figure)
+        assert labels and not [label for label in labels if "/" in label or "_" in label], (name, labels)
+        assert covered(figure) == [], name
+    assert axis_labels(saved["main_uci_energy_envelope_step"]) == ["weight step", "test MSE (target units)"]
+    assert axis_labels(saved["main_uci_energy_cdf"]) == ["final test MSE (target units)",
+                                                         "fraction of runs at or below"]
+    assert axis_labels(saved["main_uci_energy_learning_rates"])[:2] == ["hyperparameter step", "learning rate"]
+    assert saved["main_uci_energy_envelope_time"].axes[0].get_legend() is not None
+
+
+def test_curves_that_coincide_each_stay_visible(every_figure):
+    _, saved = every_figure
+    for name in ("main_uci_energy_cdf", "main_uci_energy_envelope_step", "main_uci_energy_envelope_time"):
+        for label in COINCIDING:
+            assert own_pixels(saved[name], label) >= 20, (name, label)
+
+
+def test_degenerate_figures_are_skipped_with_the_reason(tmp_path):
+    """One run per algorithm: no CDF (a point each), and the 3-batched Random has no triple; runs
+    that log no curve: no envelopes."""
+    root = tmp_path / "results"
+    write_main_experiment(root, {"Random": [2.0], "Random_Validation": [3.0], "Ours_LR_Momentum": [0.5]})
+    write_main_experiment(root, {"Ours_LR": [1.0, 2.0]}, experiment="quiet")
+    for events in (root / "quiet").rglob("events.out.tfevents.*"):
+        events.unlink()
+    saved = run_paper_plots(root, tmp_path / "paper")
+    report = (tmp_path / "paper" / "report.md").read_text()
+    not_made = report.split("## Not made")[1]
+    assert "main_uci_energy_cdf" not in saved and not (tmp_path / "paper" / "main_uci_energy_cdf.png").exists()
+    assert "main, uci_energy: CDF: no algorithm has 2 runs with a finite final value" in not_made
+    assert "Random_Validation runs; 1 runs make no triple, so its row has no value (-)." in report
+    assert "| Random_3Batched | - | - | - | 0/0 |" in report
+    assert "Random: only 1 of 1 runs ended with a finite value, so no standard error." in report
+    assert "main_uci_energy_envelope_step" in saved                  # the one-run curves are still curves
+    assert "quiet, uci_energy: envelope against step: no run logs a finite test MSE (target units)" in not_made
+    assert "quiet, uci_energy: envelope against time: no run logs a finite test MSE" in not_made
+    assert "quiet_uci_energy_cdf" in saved                            # two finite runs: a CDF
+    assert_real_pictures(tmp_path / "paper")
