@@ -49,3 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_workloads.py
 	$(PY) bench/bench_batch.py
 	$(PY) bench/bench_get_tags.py
+	$(PY) bench/bench_threads.py
