@@ -7,6 +7,8 @@ statistics come from train+validation only and are applied to all three splits.
 """
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,10 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 
 class DatasetMissing(ConfigError):
     """A processed dataset file is absent; the message says which command creates it."""
+
+
+class DatasetDamaged(ConfigError):
+    """A processed dataset file that cannot be used as it is; the message says how to re-create it."""
 
 
 class RawData(NamedTuple):
@@ -48,26 +54,69 @@ def processed_path(name: str, data_dir: Path) -> Path:
     return Path(data_dir) / f"{name}.npz"
 
 
-def _open_processed(name: str, data_dir: Path) -> np.lib.npyio.NpzFile:
+def rebuild_command(name: str) -> str:
+    """The command that (re-)creates a processed dataset file."""
+    return (f"python download_and_process_data.py {name} --source ../shared/data "
+            f"(or without --source to download it)")
+
+
+def _damaged(name: str, path: Path, problem: str) -> DatasetDamaged:
+    return DatasetDamaged(f"processed dataset '{name}' at {path} {problem}; re-create it with: "
+                          f"{rebuild_command(name)}")
+
+
+def _read_processed(name: str, data_dir: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Every array of `<data_dir>/<name>.npz` (no pickles), which must hold `required`."""
     path = processed_path(name, data_dir)
     if not path.is_file():
         raise DatasetMissing(f"processed dataset '{name}' not found at {path}; create it with: "
-                             f"python download_and_process_data.py {name} --source ../shared/data "
-                             f"(or without --source to download it)")
-    return np.load(path, allow_pickle=False)
+                             f"{rebuild_command(name)}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise _damaged(name, path, f"is not a readable .npz file ({type(error).__name__})") from None
+    missing = [key for key in required if key not in arrays]
+    if missing:
+        raise _damaged(name, path, f"lacks the array(s) {', '.join(missing)}")
+    return arrays
+
+
+def _check_table(name: str, path: Path, inputs: np.ndarray, targets: np.ndarray) -> None:
+    """Inputs: rows of numbers (or images), finite; targets: one finite number per row."""
+    for what, array, ndims in (("inputs", inputs, (2, 4)), ("targets", targets, (2,))):
+        if array.dtype.kind not in "fiu" or array.ndim not in ndims:
+            raise _damaged(name, path, f"holds {what} of dtype {array.dtype} and shape {array.shape}, not "
+                                       f"{' or '.join(f'{n}-D' for n in ndims)} numbers")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise _damaged(name, path, f"holds non-finite {what} (NaN or infinity)")
+    if targets.shape != (len(inputs), 1):
+        raise _damaged(name, path, f"holds targets of shape {targets.shape} for {len(inputs)} input rows, "
+                                   f"not ({len(inputs)}, 1)")
 
 
 def load_processed(name: str, data_dir: Path) -> RawData:
     """Read `<data_dir>/<name>.npz`, written by download_and_process_data.py (no pickles)."""
-    with _open_processed(name, data_dir) as archive:
-        test_size = int(archive["test_size"]) if "test_size" in archive else UCI_SETS[name][2]
-        return RawData(archive["inputs"], archive["targets"], test_size)
+    arrays = _read_processed(name, data_dir, ("inputs", "targets"))
+    path = processed_path(name, data_dir)
+    _check_table(name, path, arrays["inputs"], arrays["targets"])
+    test_size = arrays["test_size"] if "test_size" in arrays else UCI_SETS[name][2]
+    if np.ndim(test_size) != 0 or not 0 < int(test_size) < len(arrays["inputs"]):
+        raise _damaged(name, path, f"has test_size {test_size}, not a count of its {len(arrays['inputs'])} rows")
+    return RawData(arrays["inputs"], arrays["targets"], int(test_size))
 
 
 def load_tokens(name: str, data_dir: Path) -> RawData:
     """A processed text corpus: train+validation and test token ids, and the vocabulary's size."""
-    with _open_processed(name, data_dir) as archive:
-        return RawData(archive["train_val"], archive["test"], len(archive["test"]), len(archive["vocabulary"]))
+    arrays = _read_processed(name, data_dir, ("train_val", "test", "vocabulary"))
+    vocabulary = arrays["vocabulary"]
+    for what in ("train_val", "test"):
+        tokens = arrays[what]
+        if tokens.dtype.kind not in "iu" or tokens.ndim != 1 or (
+                len(tokens) and not 0 <= tokens.min() <= tokens.max() < len(vocabulary)):
+            raise _damaged(name, processed_path(name, data_dir), f"holds {what} that are not token ids of its "
+                                                                 f"{len(vocabulary)}-word vocabulary")
+    return RawData(arrays["train_val"], arrays["test"], len(arrays["test"]), len(vocabulary))
 
 
 def _load_sklearn(loader: str) -> Callable[[str, Path], RawData]:
@@ -171,7 +220,7 @@ def make_splits(cfg: DatasetConfig, dtype: torch.dtype, device: torch.device) ->
         return make_sequence_splits(cfg, raw, device)
     if spec.size is not None and len(raw.inputs) != spec.size:
         raise ConfigError(f"dataset '{cfg.name}' has {len(raw.inputs)} rows, expected {spec.size}; "
-                          f"re-create it with download_and_process_data.py")
+                          f"re-create it with: {rebuild_command(cfg.name)}")
     # 8-bit images become floats of the run's precision; tables are processed in float64.
     work_dtype = np.float32 if raw.inputs.dtype == np.uint8 and dtype != torch.float64 else np.float64
     inputs, targets = raw.inputs.astype(work_dtype), raw.targets.astype(np.float64)

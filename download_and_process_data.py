@@ -97,20 +97,43 @@ def download(url: str) -> bytes:
                               f"with a local copy of the raw files") from None
 
 
+# Columns of each raw table (inputs, then the target; naval has two targets), so that a damaged
+# file (a dropped or extra column) is refused rather than processed into another dataset.
+UCI_COLUMNS = {"bostonHousing": 14, "concrete": 9, "energy": 9, "kin8nm": 9, "naval-propulsion-plant": 18,
+               "power-plant": 5, "wine-quality-red": 12, "yacht": 7}
+
+
 def read_raw(raw_name: str, source: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """The raw table and its permutation, from `source` (shared-data or UCI folder) or online."""
     if source is None:
-        table = np.loadtxt(io.StringIO(download(GAL_URL.format(raw_name)).decode()), ndmin=2)
-        return table, shipped_permutation(raw_name)
+        url = GAL_URL.format(raw_name)
+        return read_table(raw_name, io.StringIO(download(url).decode()), url), shipped_permutation(raw_name)
     folder = next((f for f in (source / "uci" / raw_name, source / raw_name) if f.is_dir()), None)
     if folder is None:
         raise ProcessingError(f"no folder for '{raw_name}' under {source} (looked for uci/{raw_name} "
                               f"and {raw_name})")
-    table = np.loadtxt(folder / "data.txt", ndmin=2)
+    table = read_table(raw_name, folder / "data.txt", str(folder / "data.txt"))
     permutation_file = folder / "permutation_indices.txt"
     if permutation_file.is_file():
-        return table, np.loadtxt(permutation_file, dtype=np.int64, ndmin=1)
+        try:
+            return table, np.loadtxt(permutation_file, dtype=np.int64, ndmin=1)
+        except ValueError as error:
+            raise ProcessingError(f"{permutation_file}: not a list of row indices ({error})") from None
     return table, shipped_permutation(raw_name)
+
+
+def read_table(raw_name: str, text: Path | io.StringIO, origin: str) -> np.ndarray:
+    """A raw UCI table: finite numbers, UCI_COLUMNS[raw_name] to a row."""
+    try:
+        table = np.loadtxt(text, ndmin=2)
+    except ValueError as error:      # a ragged row, a word among the numbers
+        raise ProcessingError(f"{origin}: not a table of numbers ({error})") from None
+    if table.shape[1] != UCI_COLUMNS[raw_name]:
+        raise ProcessingError(f"{origin}: {table.shape[1]} columns, expected {UCI_COLUMNS[raw_name]} (the inputs, "
+                              f"then the target); the file is damaged or not {raw_name}'s: fetch it again")
+    if not np.isfinite(table).all():
+        raise ProcessingError(f"{origin}: holds a NaN or infinite value; fetch the file again")
+    return table
 
 
 def shipped_permutation(raw_name: str) -> np.ndarray:

@@ -10,7 +10,10 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import secrets
 import sys
 import time
@@ -468,25 +471,121 @@ RESUMABLE_KEYS = {"hyperparameter_steps", "log_root", "run_group_name", "run_nam
                   "threads"}
 
 
+# What `save_checkpoint` writes besides the optional keys (CUDA generator state, segment times).
+CHECKPOINT_KEYS = {"config", "run_dir", "steps_done", "windows_done", "logged_at", "model", "rule_state",
+                   "hyperparameters", "algorithm", "streams", "torch_rng", "window_hyperparameters"}
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters (library messages run long)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def differing_keys(saved: dict, current: dict) -> list[str]:
+    """The config keys (other than RESUMABLE_KEYS) on which two config dicts differ."""
+    saved, current = util.flatten(saved), util.flatten(current)
+    return sorted(key for key in saved.keys() | current.keys()
+                  if key.split(".")[0] not in RESUMABLE_KEYS and saved.get(key) != current.get(key))
+
+
 def load_checkpoint(path: str, cfg: Config) -> dict:
-    """Read a checkpoint written by `save_checkpoint`, refusing one made under another config."""
+    """Read a checkpoint written by `save_checkpoint`, refusing one made under another config, and
+    anything else (damaged, crafted, truncated) as one ConfigError."""
     if not Path(path).is_file():
         raise ConfigError(f"-s {path}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved, current = util.flatten(checkpoint["config"]), util.flatten(config.to_dict(cfg))
-    different = sorted(key for key in saved.keys() | current.keys()
-                       if key.split(".")[0] not in RESUMABLE_KEYS and saved.get(key) != current.get(key))
+    damaged = f"-s {path}: not a checkpoint written by train.py -S"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:   # damaged or crafted bytes can raise almost anything; nothing in them runs
+        raise ConfigError(f"{damaged} (it cannot be read safely: {type(error).__name__}); re-create it with -S FILE "
+                          f"under this config") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+        raise ConfigError(f"{damaged} (it holds a {type(checkpoint).__name__}, not a dict with a config); "
+                          f"re-create it with -S FILE under this config")
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
+    if missing:
+        raise ConfigError(f"{damaged} (it lacks {', '.join(map(str, missing))}); re-create it with -S FILE")
+    different = differing_keys(checkpoint["config"], config.to_dict(cfg))
     if different:
         raise ConfigError(f"-s {path}: the checkpoint was made with a different config; "
                           f"differing keys: {', '.join(different)}")
     return checkpoint
 
 
+def restore(learner: Learner, checkpoint: dict, path: str) -> None:
+    """Load a checkpoint's state into the learner; a state that does not fit is a ConfigError."""
+    try:
+        learner.load_state_dict(checkpoint)
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise ConfigError(f"-s {path}: its saved state does not fit this run ({one_line(error)}); re-create it "
+                          f"with -S FILE under this config") from None
+
+
+def resume_run_dir(path: str, checkpoint: dict, cfg: Config) -> Path:
+    """The first run's directory, where a resumed run logs on. The checkpoint stores its name
+    relative to the log root: it is taken under the log root the checkpoint was made with if a run
+    of this config is there (its config.json), else under this run's log root. A checkpoint is
+    data, not a place to write: a name leading outside its log root, or to another run's
+    directory, is refused."""
+    name, candidate = str(checkpoint["run_dir"]), None
+    for root in (checkpoint["config"].get("log_root"), cfg.log_root):
+        if isinstance(root, str):
+            candidate = _below(path, Path(root), name)
+            if _holds_run(candidate, checkpoint["config"]):
+                return candidate
+    if candidate.exists():
+        raise ConfigError(f"-s {path}: its run directory {candidate} belongs to another run; resume with "
+                          f"that run's own checkpoint, or move the checkpoint's run directory back there")
+    return candidate
+
+
+def _below(path: str, root: Path, name: str) -> Path:
+    root = root.resolve()
+    candidate = (root / name).resolve()
+    if candidate == root or not candidate.is_relative_to(root):
+        raise ConfigError(f"-s {path}: its run directory '{name}' lies outside the log root {root}; "
+                          f"re-create the checkpoint with -S FILE")
+    return candidate
+
+
+def _holds_run(folder: Path, saved_config: dict) -> bool:
+    """Whether `folder` is a run directory of the same config (up to the keys a resumption changes)."""
+    try:
+        logged = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(logged, dict) and not differing_keys(saved_config, logged)
+
+
 def save_checkpoint(path: str, learner: Learner, run_dir: Path | None, context: distributed.Context) -> None:
-    """Write the learner's complete state to `path` (rank 0, atomically); call it on every rank."""
+    """Write the learner's complete state to `path` (rank 0, atomically); call it on every rank. The
+    run directory is stored relative to the log root (see `resume_run_dir`)."""
     state = learner.state_dict()
     if context.is_rank0:
-        util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": str(run_dir)}, Path(path))
+        name = None if run_dir is None else os.path.relpath(run_dir, learner.cfg.log_root)
+        try:
+            util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": name}, Path(path))
+        except OSError as error:
+            raise ConfigError(f"-S {path}: could not write the checkpoint ({error.strerror or error}); free some "
+                              f"space, or choose another file with -S") from None
+
+
+def check_outputs(cfg: Config, save_state: str | None) -> None:
+    """Refuse, before anything runs, a log root or checkpoint file that cannot be written."""
+    root = Path(cfg.log_root)
+    existing = next(folder for folder in (root, *root.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a folder" if not existing.is_dir() else "not writable"
+        raise ConfigError(f"log_root = {cfg.log_root}: {existing} is {problem}; choose another with -l DIR")
+    if save_state:
+        target = Path(save_state)
+        if target.is_dir():
+            raise ConfigError(f"-S {save_state}: is a folder; name a file in it, e.g. -S {target / 'state.pt'}")
+        if not target.parent.is_dir():
+            raise ConfigError(f"-S {save_state}: no folder {target.parent}; create it or choose another file")
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"-S {save_state}: the folder {target.parent} is not writable; choose another file")
 
 
 def open_run(cfg: Config, context: distributed.Context,
@@ -523,14 +622,17 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     Only rank 0 writes anything, and shows progress unless `show_progress` is false (batches)."""
     if cfg.task == "meta_dataset":
         return train_meta_dataset(cfg, context, save_state or load_state, run_dir)
+    if run_dir is None:
+        check_outputs(cfg, save_state)
     setup = prepare(cfg)
     cfg = setup.cfg
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
     learner.show_progress = context.is_rank0 and show_progress
     if checkpoint is not None:
-        learner.load_state_dict(checkpoint)
-    run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else run_dir)
+        restore(learner, checkpoint, load_state)
+        run_dir = resume_run_dir(load_state, checkpoint, cfg)
+    run_dir, learner.log = open_run(cfg, context, run_dir)
     if checkpoint is None and learner.log is not None:
         learner.log.hparams(*learner.hparams())
     if checkpoint is not None and learner.log is not None:
@@ -545,13 +647,28 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
         learner.after_window = periodic_checkpoint
     try:
         metrics = learner.run()
+        if save_state:
+            save_checkpoint(save_state, learner, run_dir, context)
+    except (ConfigError, OSError) as error:      # a full disk, a lost folder
+        raise record_failure(run_dir, learner, context, error) from None
     finally:
         if learner.log is not None:
             learner.log.close()
-    metrics = close_run(run_dir, learner.log, metrics, cfg, context)
-    if save_state:
-        save_checkpoint(save_state, learner, run_dir, context)
-    return run_dir, metrics
+    return run_dir, close_run(run_dir, learner.log, metrics, cfg, context)
+
+
+def record_failure(run_dir: Path | None, learner: Learner, context: distributed.Context,
+                   error: ConfigError | OSError) -> ConfigError:
+    """Mark a run that failed mid-way as failed in its metrics.json, where the disk still allows,
+    and return the one-line error to report."""
+    if not isinstance(error, ConfigError):
+        error = ConfigError(f"{error.filename or run_dir}: could not write ({error.strerror or error}); free some "
+                            f"space and resume from the last checkpoint (-s FILE), or run again")
+    metrics = {"status": "failed", "error": str(error), "weight_steps": learner.steps_done,
+               "train_seconds": learner.train_seconds, "segments": learner.segments, "final": {}}
+    with contextlib.suppress(OSError):
+        close_run(run_dir, learner.log, metrics, learner.cfg, context)
+    return error
 
 
 def refuse_meta_checkpoint(cfg: Config, checkpoint: str | None) -> None:
@@ -563,6 +680,7 @@ def preflight(cfg: Config, save_state: str | None, load_state: str | None) -> No
     """What the ranks of `launch` would reject, checked once before any starts (so it is one
     ConfigError line and exit 2, not one traceback per rank)."""
     refuse_meta_checkpoint(cfg, save_state or load_state)
+    check_outputs(cfg, save_state)
     if cfg.task != "meta_dataset":
         setup = prepare(cfg)                      # the data is there and the model fits it
         if load_state:

@@ -11,11 +11,13 @@ import os
 import secrets
 import socket
 import struct
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -62,16 +64,34 @@ def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename), so readers never see half a file."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    atomic_write(Path(path), lambda file: file.write(text.encode()))
 
 
 def atomic_torch_save(data: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename: a killed run never leaves half a checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(data, temporary)
-    os.replace(temporary, path)
+    atomic_write(Path(path), lambda file: torch.save(data, file))
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write` on a new temporary file beside `path`, then rename it to `path`. The temporary
+    is created exclusively under an unpredictable name (a link planted at a guessable name cannot
+    redirect the write) and removed if anything fails."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())      # the rename must not land before the data
+        os.chmod(temporary, 0o666 & ~_UMASK)   # as a plainly created file (mkstemp makes it private)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
