@@ -332,7 +332,7 @@ def read_yaml_file(path: str, sources: dict, _seen: tuple = ()) -> dict:
         if not Path(base_path).exists():
             raise ConfigError(f"{path}: extends: no such config file {short_repr(base)}")
         if Path(base_path).resolve() in _seen + (Path(path).resolve(),):
-            raise ConfigError(f"{path}: 'extends' goes round in a circle through {base}")
+            raise ConfigError(f"{path}: 'extends' goes round in a circle through {short(base)}")
         merged = deep_merge(merged, read_yaml_file(base_path, sources, _seen + (Path(path).resolve(),)),
                             base_path, {})
     return deep_merge(merged, content, path, sources)
@@ -601,8 +601,8 @@ _FLAGS = [
     (("--hyperparameter_steps",), "hyperparameter_steps", int, "number of hyperparameter steps"),
     (("--seed",), "seed", int, "random seed"),
     (("-l", "--log_root"), "log_root", str, "root folder of run directories"),
-    (("-g", "--run_group_name"), "run_group_name", str, "subfolder of the log root"),
-    (("-n", "--run_name"), "run_name", str, "suffix of the run directory's name"),
+    (("-g", "--run_group_name"), "run_group_name", str, "subfolder of the log root (a name, not a path)"),
+    (("-n", "--run_name"), "run_name", str, "suffix of the run directory's name (a name, not a path)"),
 ]
 
 
