@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import re
 import types
 import typing
@@ -33,12 +34,34 @@ class ConfigError(ValueError):
     """A bad configuration, described in one line."""
 
 
+# Upper bounds of integer keys: far above any real run, low enough that a typo (10**30) is an error
+# instead of a run that never ends, an allocation that fails or an integer overflow in torch.
+MAX_COUNT = 10**9           # steps, batch sizes, tasks
+MAX_WIDTH = 10**6           # layer widths, streams, points, dimensions
+MAX_SEED = 2**63 - 1        # seeds are offset per stream and must stay within torch's 64 bits
+MAX_NAME = 100              # characters of a run or group name
+_SHORT = 80                 # characters of a value quoted in an error message
+
+
+def short(text: str, limit: int = _SHORT) -> str:
+    """`text` cut to `limit` characters (with an ellipsis): error messages stay one short line."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) for an error message, cut to a readable length (a tuple shown as the YAML list
+    it was written as)."""
+    return short(repr(list(value) if isinstance(value, tuple) else value))
+
+
 def option(default: Any, doc: str, *, choices: typing.Callable[[], typing.Iterable[str]] | None = None,
            low: float | None = None, high: float | None = None,
-           low_inclusive: bool = True, high_inclusive: bool = True) -> Any:
-    """A config field with its documentation and valid range (checked by `_check_value`)."""
+           low_inclusive: bool = True, high_inclusive: bool = True,
+           check: typing.Callable[[Any], str | None] | None = None) -> Any:
+    """A config field with its documentation and valid range (checked by `_check_value`); `check`
+    returns what is wrong with a value, or None."""
     metadata = dict(doc=doc, choices=choices, low=low, high=high,
-                    low_inclusive=low_inclusive, high_inclusive=high_inclusive)
+                    low_inclusive=low_inclusive, high_inclusive=high_inclusive, check=check)
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
     return field(default=default, metadata=metadata)
@@ -69,6 +92,20 @@ def _algorithm_names() -> list[str]:
     return sorted(algorithms.ALGORITHMS)
 
 
+def plain_name(name: str) -> str | None:
+    """What makes `name` unfit to be one folder name below log_root, or None: it must not lead
+    elsewhere (a separator, '..') nor hold control characters, and stays short."""
+    if "/" in name or "\\" in name:
+        return "a name, not a path: it must not contain '/' or '\\'"
+    if ".." in name:
+        return "a name, not a path: it must not contain '..'"
+    if any(ord(character) < 32 for character in name):
+        return "must not contain control characters"
+    if len(name) > MAX_NAME:
+        return f"must be at most {MAX_NAME} characters long, not {len(name)}"
+    return None
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str = option("diabetes", "registered dataset", choices=_dataset_names)
@@ -81,21 +118,22 @@ class DatasetConfig:
     test_batch_size: int | None = option(
         None, "intermediate measurements of the test set use a random batch of this many rows (token "
               "streams: time steps); null = the whole test split. The final measurement always uses it all",
-        low=1)
+        low=1, high=MAX_COUNT)
     data_dir: str | None = option(None, "folder of processed datasets (default: data/ in the repository)")
     sequence_streams: int = option(40, "language-model datasets: parallel streams the token sequence is cut "
-                                       "into (batch_size is then the truncated-BPTT length)", low=1)
+                                       "into (batch_size is then the truncated-BPTT length)",
+                                    low=1, high=MAX_WIDTH)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = option("mlp", "registered model", choices=_model_names)
-    layer_sizes: tuple[int, ...] = option((10, 50, 1), "widths from inputs to outputs", low=1)
+    layer_sizes: tuple[int, ...] = option((10, 50, 1), "widths from inputs to outputs", low=1, high=MAX_WIDTH)
     activation: str = option("relu", "hidden-layer nonlinearity", choices=_activation_names)
     batch_norm: bool = option(False, "BatchNorm before each hidden activation")
-    embedding_size: int = option(650, "lstm: width of the token embedding", low=1)
-    hidden_size: int = option(650, "lstm: units per LSTM layer", low=1)
-    num_layers: int = option(2, "lstm: stacked LSTM layers", low=1)
+    embedding_size: int = option(650, "lstm: width of the token embedding", low=1, high=MAX_WIDTH)
+    hidden_size: int = option(650, "lstm: units per LSTM layer", low=1, high=MAX_WIDTH)
+    num_layers: int = option(2, "lstm: stacked LSTM layers", low=1, high=1000)
 
 
 def _rule_names() -> list[str]:
@@ -137,10 +175,11 @@ class TuningConfig:
     optimiser: str = option("adam", "hyper-optimiser, on log10 lr / log10 weight_decay / logit momentum",
                             choices=lambda: ["adam", "sgd"])
     lr: float = option(0.05, "hyper-optimiser step size", low=0.0)
-    rollback_distance: int = option(5, "i: Neumann-series terms of the implicit hypergradient", low=1)
+    rollback_distance: int = option(5, "i: Neumann-series terms of the implicit hypergradient",
+                                    low=1, high=MAX_COUNT)
     unroll_steps: int | None = option(
         5, "R: weight steps differentiated through before each hyperparameter step (unrolled "
-           "algorithms); null = the whole window", low=1)
+           "algorithms); null = the whole window", low=1, high=MAX_COUNT)
     reset_weights: bool = option(False, "unrolled: restart every window from the initial weights and "
                                         "optimiser state (Long Diff-through-Opt)")
     validation_data: str = option("validation", "data of the hypergradient's loss",
@@ -149,14 +188,17 @@ class TuningConfig:
 
 @dataclass(frozen=True)
 class MetaConfig:
-    points: int = option(100, "learned dataset: number of points (half labelled 0, half 1)", low=2)
-    dimensions: int = option(2, "learned dataset: dimensions of each point", low=1)
-    inner_steps: int = option(3, "SGD steps that adapt each fresh linear classifier", low=1)
+    points: int = option(100, "learned dataset: number of points (half labelled 0, half 1)", low=2,
+                         high=MAX_WIDTH)
+    dimensions: int = option(2, "learned dataset: dimensions of each point", low=1, high=MAX_WIDTH)
+    inner_steps: int = option(3, "SGD steps that adapt each fresh linear classifier", low=1,
+                              high=MAX_COUNT)
     inner_lr: float = option(0.1, "step size of those inner SGD steps", low=0.0, low_inclusive=False)
-    outer_steps: int = option(500, "outer (dataset) steps", low=1)
+    outer_steps: int = option(500, "outer (dataset) steps", low=1, high=MAX_COUNT)
     outer_optimiser: str = option("adam", "optimiser of the dataset", choices=lambda: ["adam", "sgd"])
     outer_lr: float = option(0.05, "its step size", low=0.0, low_inclusive=False)
-    evaluation_tasks: int = option(1000, "fresh classifiers adapted to the final dataset to evaluate it", low=1)
+    evaluation_tasks: int = option(1000, "fresh classifiers adapted to the final dataset to evaluate it",
+                                   low=1, high=MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -173,21 +215,30 @@ class Config:
     tuning: TuningConfig = field(default_factory=TuningConfig,
                                  metadata=dict(doc="how the hyperparameters are optimised"))
     meta: MetaConfig = field(default_factory=MetaConfig, metadata=dict(doc="the meta-learning task"))
-    batch_size: int | None = option(None, "training batch size; null = the full training set", low=1)
-    network_weight_steps: int = option(10, "weight steps per hyperparameter step (T)", low=1)
-    hyperparameter_steps: int = option(400, "number of hyperparameter steps (H); H*T weight steps in all", low=1)
-    seed: int | None = option(None, "random seed; null draws one (recorded in config.json)", low=0)
+    batch_size: int | None = option(None, "training batch size; null = the full training set", low=1,
+                                    high=MAX_COUNT)
+    network_weight_steps: int = option(10, "weight steps per hyperparameter step (T)", low=1,
+                                       high=MAX_COUNT)
+    hyperparameter_steps: int = option(400, "number of hyperparameter steps (H); H*T weight steps in all",
+                                       low=1, high=MAX_COUNT)
+    seed: int | None = option(None, "random seed; null draws one (recorded in config.json)", low=0,
+                              high=MAX_SEED)
     device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     dtype: str = option("float32", "precision of weights, hyperparameters and data",
                         choices=lambda: ["float32", "float64"])
     threads: int | None = option(
         None, "intra-op CPU threads of each process; null = 1 for models under 1M parameters (the fastest "
               "for them, and safe on a busy machine), else this process's share of the cores. The count "
-              "used is recorded in config.json; results are reproducible bit for bit at a fixed count", low=1)
-    log_every: int = option(10, "evaluate and log per-step scalars every this many weight steps", low=1)
+              "used is recorded in config.json; results are reproducible bit for bit at a fixed count",
+        low=1, high=4096)
+    log_every: int = option(10, "evaluate and log per-step scalars every this many weight steps",
+                            low=1, high=MAX_COUNT)
     log_root: str = option("runs", "root folder of run directories")
-    run_group_name: str | None = option(None, "subfolder of log_root for this run; null = <dataset>/<algorithm>")
-    run_name: str | None = option(None, "suffix of the run directory's name")
+    run_group_name: str | None = option(
+        None, f"subfolder of log_root for this run; null = <dataset>/<algorithm>. A name, not a path: no '/', "
+              f"'\\', '..' or control characters, at most {MAX_NAME} characters", check=plain_name)
+    run_name: str | None = option(
+        None, "suffix of the run directory's name; a name as run_group_name is", check=plain_name)
 
     @property
     def run_group(self) -> str:
@@ -204,8 +255,42 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # YAML reading
 
+MAX_DEPTH = 32             # nesting levels of a YAML value (configs use three or four)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Well-formed YAML that a config may not use."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`), and
+    refuses what would make a config ambiguous or unbounded: anchors and aliases (a few lines of
+    nested aliases expand to gigabytes), duplicate keys (silently last-wins) and deep nesting
+    (composed recursively: a RecursionError)."""
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(problem="anchors and aliases (&name, *name) are not allowed in configs",
+                           problem_mark=event.start_mark)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            plain = isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge"
+            key = self.construct_object(key_node) if plain else None
+            if key is not None and key in seen:
+                raise _Refused(problem=f"duplicate key {short_repr(key)}", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -214,11 +299,21 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _yaml_problem(error: yaml.YAMLError, source: str, lines: bool = True) -> str:
+    """One line for a YAML error: where (with the line, when known and `lines`) and what."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark and lines else source
+    problem = short(getattr(error, "problem", None) or str(error).splitlines()[0], 2 * _SHORT)
+    return f"{where}: {problem}" if isinstance(error, _Refused) else f"{where}: malformed YAML: {problem}"
+
+
 def parse_yaml_value(text: str, source: str) -> Any:
     try:
         return copy.deepcopy(_parse_yaml(text))
+    except _Refused as error:
+        raise ConfigError(_yaml_problem(error, source, lines=False)) from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: could not parse {text!r} as YAML") from error
+        raise ConfigError(f"{source}: could not parse {short_repr(text)} as YAML") from error
 
 
 @functools.lru_cache(maxsize=4096)
@@ -231,33 +326,51 @@ def read_yaml_file(path: str, sources: dict, _seen: tuple = ()) -> dict:
     """Read one config file, recording in `sources` which file set each key. A file may build on
     others, named relative to itself in `extends: [a.yaml, ...]`: they are merged first."""
     content = _read_one_yaml(path)
-    bases = content.pop("extends", [])
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in _bases(path, content.pop("extends", [])):
         base_path = str(Path(path).parent / base)
+        if not Path(base_path).exists():
+            raise ConfigError(f"{path}: extends: no such config file {short_repr(base)}")
         if Path(base_path).resolve() in _seen + (Path(path).resolve(),):
-            raise ConfigError(f"{path}: 'extends' goes round in a circle through {base}")
+            raise ConfigError(f"{path}: 'extends' goes round in a circle through {short(base)}")
         merged = deep_merge(merged, read_yaml_file(base_path, sources, _seen + (Path(path).resolve(),)),
                             base_path, {})
     return deep_merge(merged, content, path, sources)
 
 
+def _bases(path: str, bases: Any) -> list[str]:
+    """The files named by `extends:`, a file name or a list of them."""
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: extends must be a file name or a list of file names, got {short_repr(bases)}")
+    return bases
+
+
 def _read_one_yaml(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{path}: no such config file")
     try:
-        content = copy.deepcopy(_parse_yaml(file.read_text()))
+        content = copy.deepcopy(_parse_yaml(_read_text(path)))
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{where}: malformed YAML: {problem}") from error
-    if content is None:
-        return {}
+        raise ConfigError(_yaml_problem(error, path)) from error
+    if content is None or content == {}:
+        raise ConfigError(f"{path}: empty config (no keys)")
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return content
+
+
+def _read_text(path: str) -> str:
+    """The file's text, or a ConfigError saying why there is none."""
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    if not file.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config file (not UTF-8 text)") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error.strerror or error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +444,7 @@ def _build(cls: type, values: dict, sources: dict, prefix: tuple = ()) -> Any:
     for key in values:
         if key not in names:
             path = prefix + (key,)
-            raise ConfigError(f"{_source_of(sources, path)}: unknown key '{_dotted(path)}'"
+            raise ConfigError(f"{_source_of(sources, path)}: unknown key '{short(_dotted(path))}'"
                               + _did_you_mean(path, names))
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -341,7 +454,7 @@ def _build(cls: type, values: dict, sources: dict, prefix: tuple = ()) -> Any:
         if dataclasses.is_dataclass(hints[f.name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{_source_of(sources, path)}: '{_dotted(path)}' must be a mapping "
-                                  f"of its sub-keys, got {value!r}")
+                                  f"of its sub-keys, got {short_repr(value)}")
             kwargs[f.name] = _build(hints[f.name], value, sources, path)
         else:
             kwargs[f.name] = _check_value(value, hints[f.name], f.metadata, path, sources)
@@ -374,7 +487,7 @@ def _coerce(value: Any, annotation: Any) -> Any:
             raise TypeError
         return tuple(_coerce(v, args[0]) for v in value)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _to_float(value)
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation in (bool, str) and type(value) is annotation:
@@ -382,24 +495,36 @@ def _coerce(value: Any, annotation: Any) -> Any:
     raise TypeError
 
 
+def _to_float(number: int | float) -> float:
+    try:
+        return float(number)
+    except OverflowError:       # an integer beyond float's range: refused as not finite
+        return math.inf
+
+
 def _check_value(value: Any, annotation: Any, meta: dict, path: tuple, sources: dict) -> Any:
     where = f"{_source_of(sources, path)}: {_dotted(path)}"
     try:
         value = _coerce(value, annotation)
     except TypeError:
-        raise ConfigError(f"{where} must be {_type_name(annotation)}, got {value!r}") from None
+        raise ConfigError(f"{where} must be {_type_name(annotation)}, got {short_repr(value)}") from None
     if value is None:
         return value
     for item in value if isinstance(value, tuple) else (value,):
         _check_range(item, meta, where, value)
+    problem = meta.get("check") and meta["check"](value)
+    if problem:
+        raise ConfigError(f"{where} = {short_repr(value)}: {problem}")
     choices = meta.get("choices")
     for item in value if isinstance(value, tuple) else (value,):
         if choices is not None and item not in choices():
-            raise ConfigError(f"{where}: unknown name {item!r}; valid: {', '.join(choices())}")
+            raise ConfigError(f"{where}: unknown name {short_repr(item)}; valid: {', '.join(choices())}")
     return value
 
 
 def _check_range(item: Any, meta: dict, where: str, value: Any) -> None:
+    if isinstance(item, float) and not math.isfinite(item):     # NaN passes every comparison below
+        raise ConfigError(f"{where} = {short_repr(value)} must be a finite number")
     low, high = meta.get("low"), meta.get("high")
     too_low = low is not None and (item < low if meta["low_inclusive"] else item <= low)
     too_high = high is not None and (item > high if meta["high_inclusive"] else item >= high)
@@ -407,7 +532,7 @@ def _check_range(item: Any, meta: dict, where: str, value: Any) -> None:
         left = "[" if meta["low_inclusive"] else "("
         right = "]" if meta["high_inclusive"] else ")"
         valid = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ConfigError(f"{where} = {value!r} is out of range: valid range is {valid}")
+        raise ConfigError(f"{where} = {short_repr(value)} is out of range: valid range is {valid}")
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -417,7 +542,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"optimiser.lr_bounds = {list(cfg.optimiser.lr_bounds)}: low must be below high")
     _check_tuning(cfg)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"device = {cfg.device!r}: valid values are auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device = {short_repr(cfg.device)}: valid values are auto, cpu, cuda or cuda:N")
 
 
 def _check_tuning(cfg: Config) -> None:
@@ -476,8 +601,8 @@ _FLAGS = [
     (("--hyperparameter_steps",), "hyperparameter_steps", int, "number of hyperparameter steps"),
     (("--seed",), "seed", int, "random seed"),
     (("-l", "--log_root"), "log_root", str, "root folder of run directories"),
-    (("-g", "--run_group_name"), "run_group_name", str, "subfolder of the log root"),
-    (("-n", "--run_name"), "run_name", str, "suffix of the run directory's name"),
+    (("-g", "--run_group_name"), "run_group_name", str, "subfolder of the log root (a name, not a path)"),
+    (("-n", "--run_name"), "run_name", str, "suffix of the run directory's name (a name, not a path)"),
 ]
 
 
@@ -512,7 +637,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         epilog=_keys_help() + "\n\nexample:\n  python train.py -c configs/uci_energy.yaml configs/Random.yaml "
                "--set model.layer_sizes=[8,100,1]")
     parser.add_argument("-c", "--config", nargs="+", action="extend", default=[], metavar="YAML",
-                        help="config files, deep-merged in order (later wins)")
+                        help="config files (at least one), deep-merged in order (later wins)")
     for flags, key, kind, text in _FLAGS:
         parser.add_argument(*flags, dest=key, type=kind, default=None, help=f"sets {key}: {text}")
     parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
@@ -539,7 +664,11 @@ def load(argv: list[str] | None = None) -> Config:
 def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """The validated Config, and the parsed arguments (for the options that are not config keys)."""
     args = build_parser().parse_args(argv)
-    return load_from(args.config, {key: getattr(args, key) for _, key, _, _ in _FLAGS}, args.overrides), args
+    cfg = load_from(args.config, {key: getattr(args, key) for _, key, _, _ in _FLAGS}, args.overrides)
+    if not args.config:     # the defaults alone would silently train some dataset
+        raise ConfigError("-c: no config files: name a dataset config (and an algorithm config), "
+                          "e.g. -c configs/diabetes.yaml configs/Random.yaml")
+    return cfg, args
 
 
 def load_from(files: list[str], flags: dict | None = None, overrides: list[str] | None = None) -> Config:
@@ -555,9 +684,9 @@ def load_from(files: list[str], flags: dict | None = None, overrides: list[str] 
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set optimiser.lr=1e-2")
-        values = deep_merge(values, _nest(key.strip(), parse_yaml_value(text, f"--set {key}")),
-                            f"--set {key.strip()}", sources)
+            raise ConfigError(f"--set {short(item)}: expected KEY=VALUE, e.g. --set optimiser.lr=1e-2")
+        source = f"--set {short(key.strip())}"
+        values = deep_merge(values, _nest(key.strip(), parse_yaml_value(text, source)), source, sources)
     return build_config(values, sources)
 
 

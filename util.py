@@ -25,6 +25,8 @@ import torch
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
+from config import ConfigError, short_repr
+
 # -- threads ---------------------------------------------------------------------------------
 
 _core_share: int | None = None
@@ -51,6 +53,7 @@ def available_cores() -> int:
 def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
     """Create `log_root/group/<date>-<time>-<random>[-name]`, never reusing an existing folder."""
     parent = Path(log_root) / group
+    _refuse_escape(log_root, group, name)
     parent.mkdir(parents=True, exist_ok=True)
     while True:
         stem = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -60,6 +63,16 @@ def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+def _refuse_escape(log_root: str, group: str, name: str | None) -> None:
+    """Behind the config's own check of the names: a group that leads out of log_root (absolute, or
+    through '..') or a name that is more than one folder name would write elsewhere."""
+    root, folder = os.path.abspath(log_root), os.path.abspath(Path(log_root) / group)
+    if os.path.commonpath([root, folder]) != root:
+        raise ConfigError(f"run group {short_repr(group)} leads out of log_root {log_root}")
+    if os.path.dirname(os.path.abspath(Path(folder) / f"stamp-{name or ''}")) != folder:
+        raise ConfigError(f"run_name {short_repr(name)} is not a name: it would make a path")
 
 
 def write_json(path: Path, data: Any) -> None:

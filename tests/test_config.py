@@ -63,7 +63,7 @@ BAD_INPUTS = {
     "weight decay negative": ("optimiser:\n  weight_decay: -1e-4\n", [], ["optimiser.weight_decay", "[0.0, inf]"]),
     "validation proportion one": ("dataset:\n  validation_proportion: 1\n", [],
                                   ["dataset.validation_proportion", "[0.0, 1.0)"]),
-    "batch size zero": (None, ["--batch_size", "0"], ["--batch_size: batch_size = 0", "[1, inf]"]),
+    "batch size zero": (None, ["--batch_size", "0"], ["--batch_size: batch_size = 0", "[1, 1000000000]"]),
     "malformed yaml": ("model:\n  layer_sizes: [8, 50\nloss: mse\n", [], ["bad.yaml:3", "malformed YAML"]),
     "unknown dataset": ("dataset:\n  name: mnist2\n", [], ["dataset.name", "'mnist2'", "uci_energy", "diabetes"]),
     "unknown model": ("model:\n  name: transformer\n", [], ["model.name", "'transformer'",
