@@ -6,6 +6,7 @@ resumed, a rank that hangs or dies, a batch worker that dies, and corrupt result
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import train
+import util
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -73,3 +75,35 @@ def test_a_signalled_run_stops_cleanly_and_resumes_bit_for_bit(signum, code, tmp
     assert json.loads(metrics_file.read_text())["status"] == "completed"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL           # restored after the run
     assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+# -- 5. Results: one corrupt file costs one run, not the folder ------------------------------------
+
+def test_a_corrupt_run_is_skipped_with_a_warning_naming_its_file(tmp_path, capsys):
+    assert train.main(command(tmp_path / "one", "--hyperparameter_steps", "3")) == 0
+    (run,) = (path.parent for path in (tmp_path / "one").rglob("config.json"))
+    results = tmp_path / "results"
+    for name in ("good", "bad_metrics", "bad_events", "bad_cache"):
+        shutil.copytree(run, results / name)
+    util.get_tags(results)                                   # writes every run's cache
+    (results / "bad_metrics" / "metrics.json").write_text('{"status": "compl')
+    (events,) = (results / "bad_events").glob("events.out.tfevents.*")
+    data = bytearray(events.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    events.write_bytes(bytes(data))
+    (results / "bad_cache" / util.CACHE_NAME).write_bytes(b"not an archive")
+    capsys.readouterr()
+
+    runs = util.get_tags(results)
+    err = capsys.readouterr().err
+    assert sorted(runs) == ["bad_cache", "good"]                 # a cache is rebuilt, not a reason to skip
+    assert runs["bad_cache"].scalars.keys() == runs["good"].scalars.keys()
+    assert sorted(path.name for path, _ in runs.skipped) == ["bad_events", "bad_metrics"]
+    assert str(results / "bad_metrics" / "metrics.json") in err and str(events) in err
+    assert str(results / "bad_cache" / util.CACHE_NAME) in err
+    assert len(err.splitlines()) == 3, err
+
+
+def test_get_tags_on_a_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such results folder"):
+        util.get_tags(tmp_path / "nowhere")
