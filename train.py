@@ -597,13 +597,16 @@ def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: st
 
 def check_launch(cfg: Config, world_size: int) -> None:
     """Launch settings that cannot work, as ConfigErrors before any process starts."""
+    if world_size > 1:
+        distributed.collective_timeout()
     if world_size > 1 and resolve_device(cfg.device).type == "cuda":
         raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
                load_state: str | None, checkpoint_every: int | None) -> None:
-    """One spawned process of `--nproc N`."""
+    """One spawned process of `--nproc N` (torch's spawn has it end quietly, by SIGINT, if the
+    launcher dies)."""
     context = distributed.join_local_group(rank, world_size, port)
     try:
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
@@ -612,25 +615,48 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
         distributed.shutdown(finished=True)
     except Exception as error:
         # Said here, as it happens: the launcher may first hear of another rank's consequent failure.
-        print(f"train.py: error on rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        print(f"train.py: error on rank {rank}: {rank_error(error)}", file=sys.stderr, flush=True)
         raise
     finally:
         distributed.shutdown()
 
 
+def rank_error(error: Exception) -> str:
+    """What a rank's failure was, in a line (gloo's timeout message is long and names no rank)."""
+    if distributed.is_timeout(error):
+        return (f"no answer from another rank within {distributed.collective_timeout():g} s in a collective "
+                f"operation: a rank hung or died ({distributed.TIMEOUT_VARIABLE} sets the limit)")
+    return f"{type(error).__name__}: {error}"
+
+
 def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None,
            checkpoint_every: int | None = None) -> int:
     """Run `world_size` local processes; the first to fail stops the others and is reported."""
-    try:
-        with distributed.local_rendezvous() as port:
-            torch.multiprocessing.spawn(
-                _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every),
-                nprocs=world_size, join=True)
-    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
-        print(f"train.py: error: the job stopped when the process of rank {error.error_index} failed; the first "
-              f"'error on rank' line above is the cause", file=sys.stderr)
-        return 1
+    with distributed.local_rendezvous() as port:
+        ranks = torch.multiprocessing.spawn(
+            _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every),
+            nprocs=world_size, join=False)
+        try:
+            while not ranks.join():
+                pass
+        except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
+            print(f"train.py: error: {launch_failure(error, ranks.processes)}", file=sys.stderr)
+            return 1
     return 0
+
+
+def launch_failure(error: Exception, processes: list) -> str:
+    """Why a job of local ranks stopped: the ranks killed by a signal (that the launcher did not
+    send: it stops the others with SIGTERM), else the rank that failed first."""
+    killed = [(rank, signal.Signals(-process.exitcode).name) for rank, process in enumerate(processes)
+              if process.exitcode is not None and process.exitcode < 0
+              and (-process.exitcode != signal.SIGTERM or rank == error.error_index)]
+    if killed:
+        return "; ".join(f"rank {rank} died from signal {name}" for rank, name in killed) + ", so the job stopped"
+    if isinstance(error, torch.multiprocessing.ProcessExitedException):
+        return f"rank {error.error_index} exited with code {error.exit_code}, so the job stopped"
+    return (f"the job stopped when the process of rank {error.error_index} failed; the first 'error on rank' "
+            f"line above is the cause")
 
 
 class Interruption:

@@ -6,6 +6,7 @@ resumed, a rank that hangs or dies, a batch worker that dies, and corrupt result
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,10 +30,11 @@ def command(log_root: Path, *extra: str) -> list[str]:
             "-l", str(log_root), *extra]
 
 
-def start_and_wait_for(path: Path, argv: list[str], script: Path = REPO / "train.py") -> subprocess.Popen:
+def start_and_wait_for(path: Path, argv: list[str], script: Path = REPO / "train.py",
+                       env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `script` in a real process; return once it has written `path` (it is training by then)."""
     process = subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not path.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -107,3 +109,87 @@ def test_a_corrupt_run_is_skipped_with_a_warning_naming_its_file(tmp_path, capsy
 def test_get_tags_on_a_missing_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such results folder"):
         util.get_tags(tmp_path / "nowhere")
+
+
+# -- 3. Distributed: a hung or killed rank, a killed launcher ----------------------------------------
+
+FAULTY_DRIVER = '''
+import os
+import signal
+import sys
+import time
+
+import train
+
+original = train.Learner.weight_step
+
+
+def weight_step(self, stepper):
+    if self.context.rank == 1 and self.steps_done == 25:
+        if os.environ["FAULT"] == "hang":
+            if "MARK" in os.environ:       # tells the test that rank 1 hangs now
+                open(os.environ["MARK"], "w").close()
+            time.sleep(1000)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, stepper)
+
+
+train.Learner.weight_step = weight_step   # module level: spawned ranks import this file too
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+def faulty_job(tmp_path, fault: str, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a 2-rank job whose rank 1 hangs or is killed at step 25."""
+    driver = tmp_path / "faulty_driver.py"
+    driver.write_text(FAULTY_DRIVER)
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "FAULT": fault, "ONEPASS_COLLECTIVE_TIMEOUT": "3",
+           "MARK": str(tmp_path / "hanging")}
+    return [str(driver), *command(tmp_path / "runs", "--nproc", "2", *extra)], env
+
+
+def run_faulty_job(tmp_path, fault: str) -> tuple[subprocess.CompletedProcess, float]:
+    argv, env = faulty_job(tmp_path, fault)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    return result, time.monotonic() - start
+
+
+def test_a_hung_rank_ends_the_job_when_the_collective_times_out(tmp_path):
+    result, seconds = run_faulty_job(tmp_path, "hang")
+    assert result.returncode == 1 and seconds < 40, result.stderr
+    assert "train.py: error on rank 0: no answer from another rank within 3 s" in result.stderr
+
+
+def test_a_killed_rank_is_named_with_its_signal(tmp_path):
+    result, seconds = run_faulty_job(tmp_path, "kill")
+    assert result.returncode == 1 and seconds < 40, result.stderr
+    assert "train.py: error: rank 1 died from signal SIGKILL" in result.stderr
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status            # a zombie has ended
+
+
+def test_the_ranks_of_a_killed_launcher_end_with_it_silently(tmp_path):
+    """Even rank 0, waiting in a collective for the hung rank 1, ends at once and says nothing."""
+    argv, env = faulty_job(tmp_path, "hang")
+    env["ONEPASS_COLLECTIVE_TIMEOUT"] = "600"
+    launcher = start_and_wait_for(tmp_path / "hanging", argv[1:], script=Path(argv[0]), env=env)
+    ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+    assert len(ranks) >= 2
+    launcher.kill()
+    try:
+        _, err = launcher.communicate(timeout=20)      # every rank has closed its end of stderr
+        assert not any(alive(pid) for pid in ranks)
+        assert "Traceback" not in err and "error on rank" not in err, err
+    finally:
+        for pid in filter(alive, ranks):
+            os.kill(pid, signal.SIGKILL)
