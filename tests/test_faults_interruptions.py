@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import parallel_exec
 import train
 import util
 from tests.conftest import REPO
@@ -193,3 +194,47 @@ def test_the_ranks_of_a_killed_launcher_end_with_it_silently(tmp_path):
     finally:
         for pid in filter(alive, ranks):
             os.kill(pid, signal.SIGKILL)
+
+
+# -- 4. Batches: a worker that dies costs its run, not the batch -------------------------------------
+
+DYING_WORKER_DRIVER = '''
+import os
+import signal
+import sys
+
+import parallel_exec
+import train
+
+original = train.train
+
+
+def train_or_die(cfg, *args, **kwargs):
+    if cfg.seed == int(os.environ["KILL_SEED"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(cfg, *args, **kwargs)
+
+
+train.train = train_or_die      # module level: the pool's spawned workers import this file too
+if __name__ == "__main__":
+    sys.exit(parallel_exec.main(sys.argv[1:]))
+'''
+
+
+def test_a_batch_records_the_run_whose_worker_died_and_goes_on(tmp_path):
+    driver = tmp_path / "dying_worker_driver.py"
+    driver.write_text(DYING_WORKER_DRIVER)
+    points = parallel_exec.iterations(4, seed=0)
+    short = ("hyperparameter_steps=5", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
+    result = subprocess.run(
+        [sys.executable, str(driver), "-l", str(tmp_path), "-d", "diabetes", "-a", "Random", "--generator",
+         "iterations", "--count", "4", "--seed", "0", "--workers", "2", *(f"--set={value}" for value in short)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "KILL_SEED": str(points[1]["seed"])})
+    assert result.returncode == 1, result.stderr
+    assert "3 completed, 1 failed" in result.stdout, result.stderr
+    jobs = parallel_exec.make_jobs(["diabetes"], ["Random"], points, short)
+    metrics = [json.loads((job.run_dir(tmp_path) / "metrics.json").read_text()) for job in jobs]
+    assert [m["status"] for m in metrics] == ["completed", "failed", "completed", "completed"]
+    assert "worker process running this job" in metrics[1]["error"]
+    assert "died from signal SIGKILL" in metrics[1]["error"]
