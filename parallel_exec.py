@@ -403,6 +403,9 @@ class TuneReporter:
     def flush(self) -> None:
         self.log.flush()
 
+    def position(self) -> dict:
+        return self.log.position()
+
     def close(self) -> None:
         self.log.close()
 

@@ -492,7 +492,10 @@ def save_checkpoint(path: str, learner: Learner, run_dir: Path | None, context: 
     """Write the learner's complete state to `path` (rank 0, atomically); call it on every rank."""
     state = learner.state_dict()
     if context.is_rank0:
-        util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": str(run_dir)}, Path(path))
+        # Where its log was, so that a resumption can drop what was logged after (discard_events_after).
+        events = {"events": learner.log.position()} if learner.log is not None else {}
+        util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": str(run_dir)} | events,
+                               Path(path))
 
 
 def open_run(cfg: Config, context: distributed.Context,
@@ -539,6 +542,8 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     learner.stop_requested = stop_requested
     if checkpoint is not None:
         learner.load_state_dict(checkpoint)
+        if context.is_rank0:
+            util.discard_events_after(Path(checkpoint["run_dir"]), checkpoint.get("events"))
     run_dir, learner.log = open_run(cfg, context, Path(checkpoint["run_dir"]) if checkpoint else run_dir)
     if checkpoint is None and learner.log is not None:
         learner.log.hparams(*learner.hparams())

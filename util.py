@@ -113,8 +113,9 @@ class RunLog:
         # Unique, never overwritten, and in time order by name: a resumed run adds its own file
         # beside its predecessor's.
         now = time.time_ns()
-        name = f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
-        self._file = open(run_dir / name, "xb")  # noqa: SIM115 -- closed in close()
+        self.name = f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
+        self._file = open(run_dir / self.name, "xb")  # noqa: SIM115 -- closed in close()
+        self._bytes = 0
         self._flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -148,14 +149,21 @@ class RunLog:
     def _write(self, event: Event) -> None:
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc32c(header))
-                         + data + struct.pack("<I", _masked_crc32c(data)))
+        record = header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
+        self._file.write(record)
+        self._bytes += len(record)
         if time.monotonic() - self._last_flush > self._flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         self._file.flush()
         self._last_flush = time.monotonic()
+
+    def position(self) -> dict[str, str | int]:
+        """Where the log is, on disk (it is flushed), for a checkpoint: see `discard_events_after`."""
+        if not self._file.closed:
+            self.flush()
+        return {"file": self.name, "bytes": self._bytes}
 
     def restart_at(self, step: int) -> None:
         """Mark a resumption: TensorBoard discards earlier files' events from `step` on (what a
@@ -164,6 +172,21 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def discard_events_after(run_dir: Path, position: dict | None) -> None:
+    """Cut a run's event files back to a checkpoint's `position` (RunLog.position): what a killed
+    run logged after its checkpoint, and any file a later segment began, are superseded by a run
+    resumed from it. TensorBoard's own purge on restart (`restart_at`) drops steps from one step on,
+    right for the weight-step axis but not for the Last_* tags on the hyperparameter-step axis."""
+    kept = run_dir / position["file"] if position else None
+    if kept is None or not kept.is_file():       # an older checkpoint: `restart_at` alone
+        return
+    if kept.stat().st_size > position["bytes"]:
+        os.truncate(kept, position["bytes"])
+    for file in run_dir.glob("events.out.tfevents.*"):
+        if file.name > kept.name:                # names are in time order
+            file.unlink()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,6 +112,41 @@ def test_get_tags_on_a_missing_folder_raises(tmp_path):
         util.get_tags(tmp_path / "nowhere")
 
 
+# -- 2. A run killed past its checkpoint and resumed: each step once, on both axes, in TensorBoard ----
+
+def tensorboard_scalars(log_root: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar of the one run below `log_root`, as TensorBoard's reader sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (run,) = (path.parent for path in log_root.rglob("config.json"))
+    accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_shows_each_step_once_after_a_kill_and_a_resumption(tmp_path):
+    periodic = tmp_path / "periodic.pt"
+    steps = ("--hyperparameter_steps", "1000")
+    process = start_and_wait_for(periodic, command(tmp_path / "killed", *steps, "-S", str(periodic),
+                                                   "--checkpoint_every", "300"))
+    (events,) = (tmp_path / "killed").rglob("events.out.tfevents.*")
+    at_checkpoint, deadline = events.stat().st_size, time.monotonic() + 60
+    while events.stat().st_size < at_checkpoint + 30_000 and time.monotonic() < deadline:
+        time.sleep(0.01)                  # until it has written windows past its checkpoint
+    process.kill()
+    process.wait(timeout=30)
+    assert torch.load(periodic, weights_only=True)["windows_done"] == 300
+
+    assert train.main(command(tmp_path / "elsewhere", *steps, "-s", str(periodic))) == 0
+    assert train.main(command(tmp_path / "whole", *steps)) == 0
+    resumed, uninterrupted = tensorboard_scalars(tmp_path / "killed"), tensorboard_scalars(tmp_path / "whole")
+    assert resumed.keys() == uninterrupted.keys() and "Last_Hyperparameter/Lr" in resumed
+    for tag, points in resumed.items():
+        assert [step for step, _ in points] == [step for step, _ in uninterrupted[tag]], tag
+    for tag in ("Last_Hyperparameter/Lr", "Last_Loss/Validation", "Loss/Training"):
+        assert resumed[tag] == uninterrupted[tag], tag
+
+
 # -- 3. Distributed: a hung or killed rank, a killed launcher ----------------------------------------
 
 FAULTY_DRIVER = '''
