@@ -15,6 +15,7 @@ import math
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -675,7 +676,11 @@ class Interruption:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> Interruption:
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        # A signal the process was started ignoring (e.g. SIGINT of `cmd &` in a script) stays ignored.
+        self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS
+                          if signal.getsignal(signum) is not signal.SIG_IGN}
+        for signum in self._previous:
+            signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -716,9 +721,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             preflight(cfg, args.save_state, args.load_state)
             return launch(cfg, args.nproc, args.save_state, args.load_state, args.checkpoint_every)
-        # One process of its own (not a rank, nor the meta task, which has no windows) stops cleanly.
+        # One process of its own (not a rank, nor the meta task, which has no windows) stops cleanly;
+        # only the main thread may set signal handlers (main() may run elsewhere, e.g. in a thread).
         interruption = Interruption()
-        catches = not context.active and cfg.task != "meta_dataset"
+        catches = (not context.active and cfg.task != "meta_dataset"
+                   and threading.current_thread() is threading.main_thread())
         try:
             with interruption if catches else contextlib.nullcontext():
                 run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every,
