@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 import signal
 import sys
@@ -610,10 +611,9 @@ def check_launch(cfg: Config, world_size: int) -> None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
-               load_state: str | None, checkpoint_every: int | None) -> None:
-    """One spawned process of `--nproc N` (torch's spawn has it end quietly, by SIGINT, if the
-    launcher dies)."""
-    context = distributed.join_local_group(rank, world_size, port)
+               load_state: str | None, checkpoint_every: int | None, launcher: int) -> None:
+    """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies."""
+    context = distributed.join_local_group(rank, world_size, port, launcher)
     try:
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
         if context.is_rank0:
@@ -640,7 +640,7 @@ def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str
     """Run `world_size` local processes; the first to fail stops the others and is reported."""
     with distributed.local_rendezvous() as port:
         ranks = torch.multiprocessing.spawn(
-            _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every),
+            _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every, os.getpid()),
             nprocs=world_size, join=False)
         try:
             while not ranks.join():

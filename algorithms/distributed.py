@@ -20,8 +20,11 @@ Differentiating through an all-reduced gradient, two ways:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -90,9 +93,22 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
 
 
-def join_local_group(rank: int, world_size: int, port: int) -> Context:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its `parent` dies (Linux; elsewhere a no-op).
+    torch's spawn asks for SIGINT, which a rank may take mid-way through its exit, printing
+    tracebacks, or not at all while it waits in a collective."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:            # it died before the request: nobody else will ask
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def join_local_group(rank: int, world_size: int, port: int, launcher: int | None = None) -> Context:
     """Make this process rank `rank` of `world_size` on this machine, meeting at the launcher's
-    `local_rendezvous` store; the processes share the cores."""
+    `local_rendezvous` store; the processes share the cores, and end with the `launcher` (pid)."""
+    if launcher is not None:
+        die_with_parent(launcher)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     util.share_cores(world_size)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)

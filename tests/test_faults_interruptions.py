@@ -224,6 +224,9 @@ def test_the_ranks_of_a_killed_launcher_end_with_it_silently(tmp_path):
     launcher.kill()
     try:
         _, err = launcher.communicate(timeout=20)      # every rank has closed its end of stderr
+        deadline = time.monotonic() + 10                # and is exiting
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not any(alive(pid) for pid in ranks)
         assert "Traceback" not in err and "error on rank" not in err, err
     finally:
