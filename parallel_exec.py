@@ -8,8 +8,9 @@ A batch is a list of jobs (config files + overrides). The generator draws initia
 starts from the same points. Each job logs into `<root>/<group>/<config hash>`, named by a stable
 hash of its complete config: re-running the same command skips the runs that finished (completed
 or diverged), re-runs unfinished and failed ones in place, and never duplicates one, even after
-the whole batch was killed. A run that raises is recorded in its directory (metrics.json with
-status "failed", error.txt) and the batch goes on. A file named STOP in the root, or Ctrl-C, stops
+the whole batch was killed. A run that raises, or whose worker process dies (killed, out of
+memory), is recorded in its directory (metrics.json with status "failed", error.txt) and the batch
+goes on. A file named STOP in the root, or Ctrl-C, stops
 the batch once the runs in progress have finished.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -27,6 +29,7 @@ import sys
 import traceback
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -155,18 +158,80 @@ def run_job(job: Job, root: Path) -> tuple[str, str]:
         _, metrics = train.train(job.config(root), run_dir=run_dir, show_progress=False)
         return metrics["status"], str(run_dir)
     except Exception as error:      # recorded, and the batch goes on
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(traceback.format_exc())
-        if not (run_dir / "config.json").is_file():
-            util.write_json(run_dir / "config.json", {"files": job.files, "overrides": job.overrides})
-        util.write_json(run_dir / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}"})
-        return "failed", str(run_dir)
+        return record_failure(job, root, f"{type(error).__name__}: {error}", traceback.format_exc())
 
 
-def _worker_init(workers: int) -> None:
+def record_failure(job: Job, root: Path, error: str, details: str) -> tuple[str, str]:
+    """Mark the job's run as failed (metrics.json, with the `details` in error.txt)."""
+    run_dir = job.run_dir(root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(details)
+    if not (run_dir / "config.json").is_file():
+        util.write_json(run_dir / "config.json", {"files": job.files, "overrides": job.overrides})
+    util.write_json(run_dir / "metrics.json", {"status": "failed", "error": error})
+    return "failed", str(run_dir)
+
+
+_started = None     # in a worker: where it says which job it starts
+
+
+def _worker_init(workers: int, started: multiprocessing.SimpleQueue) -> None:
     """Workers leave Ctrl-C to the parent (which lets them finish) and share the cores."""
+    global _started
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     util.share_cores(workers)
+    _started = started
+
+
+def _run_reported(job: Job, root: Path) -> tuple[str, str]:
+    _started.put((os.getpid(), job))
+    return run_job(job, root)
+
+
+class WorkerPool:
+    """A pool of spawned worker processes that outlives the death of one (a SIGKILL, the OOM
+    killer, a crash in native code). The executor then breaks and fails every job in progress; the
+    workers say which job they start, so the job whose worker died is told from those that were
+    only stopped with it (by SIGTERM, from the executor)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.context = multiprocessing.get_context("spawn")
+        self.started = self.context.SimpleQueue()
+        self._open()
+
+    def _open(self) -> None:
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=self.context, initializer=_worker_init, initargs=(self.workers, self.started))
+        self.job_of: dict[int, Job] = {}                             # worker pid -> the job it started last
+        self.processes: dict[int, multiprocessing.Process] = {}
+
+    def submit(self, job: Job, root: Path) -> concurrent.futures.Future:
+        future = self.executor.submit(_run_reported, job, root)
+        self.processes |= {process.pid: process for process in multiprocessing.active_children()}
+        self._read_started()
+        return future
+
+    def _read_started(self) -> None:
+        while not self.started.empty():
+            pid, job = self.started.get()
+            self.job_of[pid] = job
+
+    def deaths(self) -> dict[Job, str]:
+        """After the pool broke: the jobs whose worker died, and how; then a fresh pool."""
+        self.executor.shutdown(wait=True)
+        self._read_started()
+        died = {}
+        for pid, job in self.job_of.items():
+            code = self.processes[pid].exitcode if pid in self.processes else None
+            if code and code != -signal.SIGTERM:
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                died[job] = f"WorkerDied: the worker process running this job (pid {pid}) died from {how}"
+        self._open()
+        return died
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
 
 def pending(jobs: list[Job], root: Path) -> tuple[list[Job], int]:
@@ -185,42 +250,65 @@ def pending(jobs: list[Job], root: Path) -> tuple[list[Job], int]:
     return todo, done
 
 
+def after_break(pool: WorkerPool, running: dict[concurrent.futures.Future, Job], root: Path) -> tuple[list[str],
+                                                                                                        list[Job]]:
+    """The broken pool's jobs in progress: the statuses of those recorded as failed (their worker
+    died; all of them if no death can be told apart), and those to run again."""
+    deaths = pool.deaths()
+    if not any(job in deaths for job in running.values()):
+        deaths = dict.fromkeys(running.values(), "WorkerDied: a worker process died while this job ran")
+    failed = [record_failure(job, root, deaths[job], deaths[job] + "\n")[0] for job in running.values()
+              if job in deaths]
+    return failed, [job for job in running.values() if job not in deaths]
+
+
 def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_progress: bool = True) -> Counter:
     """Run every unfinished job on a local pool of `workers` processes; returns the count of each
-    final status (skipped for runs finished before)."""
+    final status (skipped for runs finished before). A job whose worker process dies is recorded
+    as failed, and the batch goes on in a fresh pool."""
     root = Path(root)
     todo, done = pending(jobs, root)
     counts = Counter(skipped=done)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     progress = tqdm(total=len(jobs), initial=done, unit="run", disable=not show_progress, dynamic_ncols=True)
+
+    def count(status: str) -> None:
+        counts[status] += 1
+        progress.update()
+        progress.set_postfix(dict(counts), refresh=False)
+
     queue: Iterator[Job] = iter(todo)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                initargs=(workers,)) as pool:
-        running: set[concurrent.futures.Future] = set()
-        stopping = False
-        try:
-            while True:
-                while not stopping and len(running) < workers:
-                    job = next(queue, None)
-                    if job is None or (root / "STOP").exists():
-                        stopping = stopping or job is not None
-                        break
-                    running.add(pool.submit(run_job, job, root))
-                if not running:
+    pool = WorkerPool(workers)
+    running: dict[concurrent.futures.Future, Job] = {}
+    stopping = False
+    try:
+        while True:
+            while not stopping and len(running) < workers:
+                job = next(queue, None)
+                if job is None or (root / "STOP").exists():
+                    stopping = stopping or job is not None
                     break
-                finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    status, _ = future.result()
-                    counts[status] += 1
-                    progress.update()
-                    progress.set_postfix(dict(counts), refresh=False)
-        except KeyboardInterrupt:
-            stopping = True
-            progress.write("stopping: waiting for the runs in progress to finish (Ctrl-C again to abandon them)")
-            for future in concurrent.futures.as_completed(running):
-                counts[future.result()[0]] += 1
-                progress.update()
+                running[pool.submit(job, root)] = job
+            if not running:
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            if any(isinstance(future.exception(), BrokenProcessPool) for future in finished):
+                failed, again = after_break(pool, running, root)
+                running.clear()
+                for status in failed:
+                    count(status)
+                queue = itertools.chain(again, queue)
+                continue
+            for future in finished:
+                del running[future]
+                count(future.result()[0])
+    except KeyboardInterrupt:
+        progress.write("stopping: waiting for the runs in progress to finish (Ctrl-C again to abandon them)")
+        for future in concurrent.futures.as_completed(running):
+            counts[future.result()[0]] += 1
+            progress.update()
+    finally:
+        pool.close()
     progress.close()
     counts["not run"] = len(jobs) - sum(counts.values())
     return counts
@@ -314,6 +402,9 @@ class TuneReporter:
 
     def flush(self) -> None:
         self.log.flush()
+
+    def position(self) -> dict:
+        return self.log.position()
 
     def close(self) -> None:
         self.log.close()

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -155,6 +157,7 @@ class Learner:
         self.windows_done = 0
         self.logged_at: int | None = None      # a step whose measurement finish() has logged
         self.after_window: Callable[[Learner], None] | None = None   # e.g. a periodic checkpoint
+        self.stop_requested: Callable[[], bool] | None = None   # asked between windows, e.g. on SIGTERM
         self.status = "running"
         self._window_hyperparameters: dict[str, float] = {}
         self.train_seconds = 0.0     # over every segment of a resumed run, up to the last window done
@@ -365,6 +368,9 @@ class Learner:
             if self.after_window is not None:
                 self.after_window(self)
             progress.update(T, last_loss, self._window_hyperparameters)
+            if self.stop_requested is not None and self.stop_requested():
+                self.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
+                break
         progress.close()
         self.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
@@ -564,8 +570,11 @@ def save_checkpoint(path: str, learner: Learner, run_dir: Path | None, context: 
     state = learner.state_dict()
     if context.is_rank0:
         name = None if run_dir is None else os.path.relpath(run_dir, learner.cfg.log_root)
+        # Where its log was, so that a resumption can drop what was logged after (discard_events_after).
+        events = {"events": learner.log.position()} if learner.log is not None else {}
         try:
-            util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": name}, Path(path))
+            util.atomic_torch_save(state | {"config": config.to_dict(learner.cfg), "run_dir": name} | events,
+                                   Path(path))
         except OSError as error:
             raise ConfigError(f"-S {path}: could not write the checkpoint ({error.strerror or error}); free some "
                               f"space, or choose another file with -S") from None
@@ -614,12 +623,14 @@ def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg:
 def train(cfg: Config, save_state: str | None = None, load_state: str | None = None,
           context: distributed.Context = distributed.SINGLE,
           checkpoint_every: int | None = None, run_dir: Path | None = None,
-          show_progress: bool = True) -> tuple[Path | None, dict]:
+          show_progress: bool = True, stop_requested: Callable[[], bool] | None = None
+          ) -> tuple[Path | None, dict]:
     """Run one configured job end to end (as one rank of `context`); returns the run directory
     (rank 0; None elsewhere) and the metrics. `load_state` resumes a checkpoint, logging on in its
     run directory; `save_state` writes one at the end, and every `checkpoint_every` hyperparameter
     steps if given. `run_dir` names the directory to log into (default: a new one under log_root).
-    Only rank 0 writes anything, and shows progress unless `show_progress` is false (batches)."""
+    Only rank 0 writes anything, and shows progress unless `show_progress` is false (batches).
+    `stop_requested`, asked after every window, ends the run there with status "interrupted"."""
     if cfg.task == "meta_dataset":
         return train_meta_dataset(cfg, context, save_state or load_state, run_dir)
     if run_dir is None:
@@ -629,9 +640,12 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
     learner.show_progress = context.is_rank0 and show_progress
+    learner.stop_requested = stop_requested
     if checkpoint is not None:
         restore(learner, checkpoint, load_state)
         run_dir = resume_run_dir(load_state, checkpoint, cfg)
+        if context.is_rank0:
+            util.discard_events_after(run_dir, checkpoint.get("events"))
     run_dir, learner.log = open_run(cfg, context, run_dir)
     if checkpoint is None and learner.log is not None:
         learner.log.hparams(*learner.hparams())
@@ -706,14 +720,16 @@ def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: st
 
 def check_launch(cfg: Config, world_size: int) -> None:
     """Launch settings that cannot work, as ConfigErrors before any process starts."""
+    if world_size > 1:
+        distributed.collective_timeout()
     if world_size > 1 and resolve_device(cfg.device).type == "cuda":
         raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
-               load_state: str | None, checkpoint_every: int | None) -> None:
-    """One spawned process of `--nproc N`."""
-    context = distributed.join_local_group(rank, world_size, port)
+               load_state: str | None, checkpoint_every: int | None, launcher: int) -> None:
+    """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies."""
+    context = distributed.join_local_group(rank, world_size, port, launcher)
     try:
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
         if context.is_rank0:
@@ -721,25 +737,89 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
         distributed.shutdown(finished=True)
     except Exception as error:
         # Said here, as it happens: the launcher may first hear of another rank's consequent failure.
-        print(f"train.py: error on rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        print(f"train.py: error on rank {rank}: {rank_error(error)}", file=sys.stderr, flush=True)
         raise
     finally:
         distributed.shutdown()
 
 
+def rank_error(error: Exception) -> str:
+    """What a rank's failure was, in a line (gloo's timeout message is long and names no rank)."""
+    if distributed.is_timeout(error):
+        return (f"no answer from another rank within {distributed.collective_timeout():g} s in a collective "
+                f"operation: a rank hung or died ({distributed.TIMEOUT_VARIABLE} sets the limit)")
+    return f"{type(error).__name__}: {error}"
+
+
 def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None,
            checkpoint_every: int | None = None) -> int:
     """Run `world_size` local processes; the first to fail stops the others and is reported."""
-    try:
-        with distributed.local_rendezvous() as port:
-            torch.multiprocessing.spawn(
-                _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every),
-                nprocs=world_size, join=True)
-    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
-        print(f"train.py: error: the job stopped when the process of rank {error.error_index} failed; the first "
-              f"'error on rank' line above is the cause", file=sys.stderr)
-        return 1
+    with distributed.local_rendezvous() as port:
+        ranks = torch.multiprocessing.spawn(
+            _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every, os.getpid()),
+            nprocs=world_size, join=False)
+        try:
+            while not ranks.join():
+                pass
+        except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
+            print(f"train.py: error: {launch_failure(error, ranks.processes)}", file=sys.stderr)
+            return 1
     return 0
+
+
+def launch_failure(error: Exception, processes: list) -> str:
+    """Why a job of local ranks stopped: the ranks killed by a signal (that the launcher did not
+    send: it stops the others with SIGTERM), else the rank that failed first."""
+    killed = [(rank, signal.Signals(-process.exitcode).name) for rank, process in enumerate(processes)
+              if process.exitcode is not None and process.exitcode < 0
+              and (-process.exitcode != signal.SIGTERM or rank == error.error_index)]
+    if killed:
+        return "; ".join(f"rank {rank} died from signal {name}" for rank, name in killed) + ", so the job stopped"
+    if isinstance(error, torch.multiprocessing.ProcessExitedException):
+        return f"rank {error.error_index} exited with code {error.exit_code}, so the job stopped"
+    return (f"the job stopped when the process of rank {error.error_index} failed; the first 'error on rank' "
+            f"line above is the cause")
+
+
+class Interruption:
+    """SIGINT and SIGTERM (Ctrl-C; what SLURM and Kubernetes send) turned into a request to stop
+    at the next window boundary, while in use as a context manager; a second signal acts as if
+    none were caught (abandoning the run). The previous handlers are restored on exit."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interruption:
+        # A signal the process was started ignoring (e.g. SIGINT of `cmd &` in a script) stays ignored.
+        self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS
+                          if signal.getsignal(signum) is not signal.SIG_IGN}
+        for signum in self._previous:
+            signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+        self.received = signal.Signals(signum)
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def exit_code(self) -> int:
+        """The shell's code for death by the signal received: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.received
+
+    def message(self, metrics: dict, save_state: str | None) -> str:
+        resume = (f"resume with -s {save_state} -S {save_state}" if save_state
+                  else "no checkpoint written (-S FILE makes a run resumable)")
+        return f"train.py: interrupted by {self.received.name} after {metrics['weight_steps']} weight steps; {resume}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -757,8 +837,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             preflight(cfg, args.save_state, args.load_state)
             return launch(cfg, args.nproc, args.save_state, args.load_state, args.checkpoint_every)
+        # One process of its own (not a rank, nor the meta task, which has no windows) stops cleanly;
+        # only the main thread may set signal handlers (main() may run elsewhere, e.g. in a thread).
+        interruption = Interruption()
+        catches = (not context.active and cfg.task != "meta_dataset"
+                   and threading.current_thread() is threading.main_thread())
         try:
-            run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every)
+            with interruption if catches else contextlib.nullcontext():
+                run_dir, metrics = train(cfg, args.save_state, args.load_state, context, args.checkpoint_every,
+                                         stop_requested=interruption)
             distributed.shutdown(finished=True)
         finally:
             distributed.shutdown()
@@ -766,7 +853,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     if context.is_rank0:
-        print(summary(run_dir, cfg, metrics))
+        print(summary(run_dir, cfg, metrics), flush=True)
+    if metrics["status"] == "interrupted":
+        print(interruption.message(metrics, args.save_state), file=sys.stderr)
+        return interruption.exit_code()
     return 0   # a diverged run is a result (status "diverged" in metrics.json), not a failure
 
 

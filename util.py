@@ -11,8 +11,10 @@ import os
 import secrets
 import socket
 import struct
+import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +24,7 @@ from typing import Any, BinaryIO
 import google_crc32c
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
@@ -143,8 +146,9 @@ class RunLog:
         # Unique, never overwritten, and in time order by name: a resumed run adds its own file
         # beside its predecessor's.
         now = time.time_ns()
-        name = f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
-        self._file = open(run_dir / name, "xb")  # noqa: SIM115 -- closed in close()
+        self.name = f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
+        self._file = open(run_dir / self.name, "xb")  # noqa: SIM115 -- closed in close()
+        self._bytes = 0
         self._flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -178,14 +182,21 @@ class RunLog:
     def _write(self, event: Event) -> None:
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc32c(header))
-                         + data + struct.pack("<I", _masked_crc32c(data)))
+        record = header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
+        self._file.write(record)
+        self._bytes += len(record)
         if time.monotonic() - self._last_flush > self._flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         self._file.flush()
         self._last_flush = time.monotonic()
+
+    def position(self) -> dict[str, str | int]:
+        """Where the log is, on disk (it is flushed), for a checkpoint: see `discard_events_after`."""
+        if not self._file.closed:
+            self.flush()
+        return {"file": self.name, "bytes": self._bytes}
 
     def restart_at(self, step: int) -> None:
         """Mark a resumption: TensorBoard discards earlier files' events from `step` on (what a
@@ -194,6 +205,24 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def discard_events_after(run_dir: Path, position: dict | None) -> None:
+    """Cut a run's event files back to a checkpoint's `position` (RunLog.position): what a killed
+    run logged after its checkpoint, and any file a later segment began, are superseded by a run
+    resumed from it. TensorBoard's own purge on restart (`restart_at`) drops steps from one step on,
+    right for the weight-step axis but not for the Last_* tags on the hyperparameter-step axis."""
+    name = position.get("file") if isinstance(position, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.startswith("events.out.tfevents."):
+        return                                   # an older checkpoint (`restart_at` alone), or not a file name
+    kept = run_dir / name
+    if not kept.is_file() or not isinstance(position.get("bytes"), int):
+        return
+    if kept.stat().st_size > position["bytes"]:
+        os.truncate(kept, position["bytes"])
+    for file in run_dir.glob("events.out.tfevents.*"):
+        if file.name > kept.name:                # names are in time order
+            file.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +260,20 @@ def find_runs(directory: str | os.PathLike) -> list[Path]:
 CACHE_NAME = ".tags_cache.npz"
 
 
-def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -> dict[str, Run]:
+class UnreadableFile(ValueError):
+    """A run's file that cannot be parsed: overwritten, corrupted, not what its name says."""
+
+
+class Runs(dict[str, Run]):
+    """`get_tags`' answer, {run path relative to the folder: Run}, and `skipped`: (run directory,
+    why) for each run left out because one of its files could not be read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: list[tuple[Path, str]] = []
+
+
+def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -> Runs:
     """Read every run below `directory`: each scalar tag (all of them if none are named) and every
     histogram, in full.
 
@@ -239,19 +281,38 @@ def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -
     down-sampling), ordered by step; a step logged twice (by a killed run and again by its
     resumption) keeps the later value; a tag a run never logged is absent from its `scalars`.
     What a run's event files hold is cached beside them (`.tags_cache.npz`, no pickles) and read
-    again only when those files change.
+    again only when those files change (or the cache is unreadable). A run with a corrupt
+    config.json, metrics.json or event record is skipped with a line on stderr naming the file,
+    and listed in the answer's `skipped`. A missing folder raises FileNotFoundError.
     """
     root = Path(directory)
-    runs = {}
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such results folder")
+    runs = Runs()
     for path in find_runs(root):
-        scalars, histograms = read_run_events(path, use_cache)
-        metrics_file = path / "metrics.json"
-        runs[str(path.relative_to(root))] = Run(
-            path=path, config=json.loads((path / "config.json").read_text()),
-            metrics=json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
-            scalars={tag: scalar for tag, scalar in scalars.items() if not tags or tag in tags},
-            histograms=histograms)
+        try:
+            runs[str(path.relative_to(root))] = read_run(path, tags, use_cache)
+        except UnreadableFile as error:
+            print(f"util.get_tags: skipped the run {path}: {error}", file=sys.stderr)
+            runs.skipped.append((path, str(error)))
     return runs
+
+
+def read_run(path: Path, tags: tuple[str, ...] = (), use_cache: bool = True) -> Run:
+    """One run directory (only the scalar `tags` named, if any); UnreadableFile if a file is corrupt."""
+    scalars, histograms = read_run_events(path, use_cache)
+    metrics_file = path / "metrics.json"
+    return Run(path=path, config=_read_json(path / "config.json"),
+               metrics=_read_json(metrics_file) if metrics_file.is_file() else {},
+               scalars={tag: scalar for tag, scalar in scalars.items() if not tags or tag in tags},
+               histograms=histograms)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:           # JSONDecodeError, UnicodeDecodeError
+        raise UnreadableFile(f"{path}: not valid JSON ({error})") from None
 
 
 def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
@@ -260,9 +321,9 @@ def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Sc
     signature = json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache = run_dir / CACHE_NAME
     if use_cache and cache.is_file():
-        with np.load(cache, allow_pickle=False) as archive:
-            if str(archive["signature"]) == signature:
-                return _from_archive(archive)
+        cached = _read_cache(cache, signature)
+        if cached is not None:
+            return cached
     scalars, histograms = _parse_event_files(files)
     if use_cache:
         try:
@@ -272,6 +333,18 @@ def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Sc
         except OSError:             # a read-only results folder: no cache, same answer
             pass
     return scalars, histograms
+
+
+def _read_cache(cache: Path, signature: str) -> tuple[dict[str, Scalar], dict[str, Histogram]] | None:
+    """The cached events, if the cache matches `signature`; None if not, or if it is unreadable
+    (then it is only a cache: the event files are read again and it is rewritten)."""
+    try:
+        with np.load(cache, allow_pickle=False) as archive:
+            return _from_archive(archive) if str(archive["signature"]) == signature else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        print(f"util.get_tags: ignored the unreadable cache {cache} ({type(error).__name__}: {error})",
+              file=sys.stderr)
+        return None
 
 
 def _parse_event_files(files: list[Path]) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
@@ -286,7 +359,7 @@ def _parse_event_files(files: list[Path]) -> tuple[dict[str, Scalar], dict[str, 
             start, end = offset + 12, offset + 12 + length
             if end + 4 > len(data):
                 break
-            event, offset = Event.FromString(data[start:end]), end + 4
+            event, offset = _decode_record(file, data, offset, start, end), end + 4
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalar_events.setdefault(value.tag, []).append((event.step, event.wall_time, value.simple_value))
@@ -304,6 +377,17 @@ def _parse_event_files(files: list[Path]) -> tuple[dict[str, Scalar], dict[str, 
         histograms[tag] = Histogram(np.array([e[0] for e in kept], dtype=np.int64), [e[2] for e in kept],
                                     [e[3] for e in kept])
     return scalars, histograms
+
+
+def _decode_record(file: Path, data: bytes, offset: int, start: int, end: int) -> Event:
+    """The event of the complete record at `offset`, its checksums verified."""
+    header_ok = struct.unpack_from("<I", data, offset + 8)[0] == _masked_crc32c(data[offset:offset + 8])
+    if header_ok and struct.unpack_from("<I", data, end)[0] == _masked_crc32c(data[start:end]):
+        try:
+            return Event.FromString(data[start:end])
+        except DecodeError:
+            pass
+    raise UnreadableFile(f"{file}: corrupt event record at byte {offset}")
 
 
 def _latest_per_step(events: list[tuple]) -> list[tuple]:

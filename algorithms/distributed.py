@@ -20,7 +20,11 @@ Differentiating through an all-reduced gradient, two ways:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,20 +70,58 @@ def local_rendezvous() -> Iterator[int]:
         del store
 
 
-def join_local_group(rank: int, world_size: int, port: int) -> Context:
+TIMEOUT_VARIABLE = "ONEPASS_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0     # seconds
+
+
+def collective_timeout() -> float:
+    """How long a rank waits for the others in any collective (seconds; the environment variable
+    ONEPASS_COLLECTIVE_TIMEOUT, default 60) before it fails: a hung or dead rank ends the job."""
+    from config import ConfigError
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{TIMEOUT_VARIABLE}={value}: must be a positive number of seconds")
+    return seconds
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective that gave up waiting for another rank (gloo's message)."""
+    return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its `parent` dies (Linux; elsewhere a no-op).
+    torch's spawn asks for SIGINT, which a rank may take mid-way through its exit, printing
+    tracebacks, or not at all while it waits in a collective."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:            # it died before the request: nobody else will ask
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def join_local_group(rank: int, world_size: int, port: int, launcher: int | None = None) -> Context:
     """Make this process rank `rank` of `world_size` on this machine, meeting at the launcher's
-    `local_rendezvous` store; the processes share the cores."""
+    `local_rendezvous` store; the processes share the cores, and end with the `launcher` (pid)."""
+    if launcher is not None:
+        die_with_parent(launcher)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     util.share_cores(world_size)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout()))
     return Context(rank, world_size)
 
 
 def init(context: Context) -> None:
     """Join the process group (gloo on CPU) when there is more than one rank."""
     if context.active and not dist.is_initialized():
-        dist.init_process_group("gloo", rank=context.rank, world_size=context.world_size)
+        dist.init_process_group("gloo", rank=context.rank, world_size=context.world_size,
+                                timeout=datetime.timedelta(seconds=collective_timeout()))
 
 
 def shutdown(finished: bool = False) -> None:
