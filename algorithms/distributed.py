@@ -118,8 +118,10 @@ def join_local_group(rank: int, world_size: int, port: int, launcher: int | None
 
 
 def init(context: Context) -> None:
-    """Join the process group (gloo on CPU) when there is more than one rank."""
+    """Join the process group (gloo on CPU) when there is more than one rank (under torchrun: the
+    ranks on this machine, LOCAL_WORLD_SIZE, share its cores)."""
     if context.active and not dist.is_initialized():
+        util.share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size)))
         dist.init_process_group("gloo", rank=context.rank, world_size=context.world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout()))
 

@@ -106,6 +106,11 @@ def test_a_corrupt_run_is_skipped_with_a_warning_naming_its_file(tmp_path, capsy
     assert str(results / "bad_cache" / util.CACHE_NAME) in err
     assert len(err.splitlines()) == 3, err
 
+    import paper_plots
+    assert paper_plots.main([str(results), "--out", str(tmp_path / "paper")]) == 0
+    report = (tmp_path / "paper" / "report.md").read_text()
+    assert f"the run {results / 'bad_metrics'}" in report and f"the run {results / 'bad_events'}" in report
+
 
 def test_get_tags_on_a_missing_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such results folder"):
