@@ -75,18 +75,23 @@ def test_eval_mode_builds_no_higher_order_graph():
     assert not torch.allclose(grad, grad[:1].expand_as(grad))
 
 
+def _gradients(rank: int) -> dict:
+    """The DDP outer gradient, this rank's own single-process gradient, and its first classifier.
+    (A function of its own: the DDP wrapper must be gone before the process group is.)"""
+    local = toy(seed=0, task_seed=100 + rank)
+    wrapped = torch.nn.parallel.DistributedDataParallel(toy(seed=0, task_seed=100 + rank))
+    (alone,) = torch.autograd.grad(bce(local(), local.module.Y), local.module.X)
+    bce(wrapped(), wrapped.module.module.Y).backward()
+    return {"ddp": wrapped.module.module.X.grad.tolist(), "alone": alone.tolist(),
+            "w": wrapped.module.module.w.tolist()}
+
+
 def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
-    """One rank: the DDP outer gradient, its own single-process gradient, and its first classifier."""
+    """One rank of the test below: writes `_gradients` to `out`.<rank>."""
     context = distributed.join_local_group(rank, world_size, port)
     try:
-        local = toy(seed=0, task_seed=100 + rank)
-        wrapped = torch.nn.parallel.DistributedDataParallel(toy(seed=0, task_seed=100 + rank))
-        (alone,) = torch.autograd.grad(bce(local(), local.module.Y), local.module.X)
-        bce(wrapped(), wrapped.module.module.Y).backward()
-        result = {"ddp": wrapped.module.module.X.grad.tolist(), "alone": alone.tolist(),
-                  "w": wrapped.module.module.w.tolist()}
         with open(f"{out}.{rank}", "w") as file:
-            json.dump(result, file)
+            json.dump(_gradients(rank), file)
         distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
