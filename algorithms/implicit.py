@@ -23,7 +23,7 @@ import torch
 
 from algorithms import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
-from algorithms.weight_update import clip_gradient_norm
+from algorithms.weight_update import clip_gradient_norm, detached
 
 if TYPE_CHECKING:
     from config import Config
@@ -61,7 +61,7 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
             after, state = learner.rule.update(weights, gradient, learner.rule_state, self.hyperparameters.natural())
             with torch.no_grad():
                 torch._foreach_copy_(learner.params, after)
-            learner.rule_state = _detached(state)
+            learner.rule_state = detached(state)
             self._last_step = (before, after)
             return outputs, loss
 
@@ -89,6 +89,3 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
         grads = torch.autograd.grad(after, leaves, grad_outputs=total, allow_unused=True)
         return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
 
-
-def _detached(state: dict) -> dict:
-    return {key: [v.detach() for v in value] if isinstance(value, list) else value for key, value in state.items()}

@@ -1,11 +1,13 @@
 """Differentiation through unrolled optimisation (Domke 2012): Diff-through-Opt and its Long variants.
 
-The last R weight steps of each window run on a `higher` monkey-patched copy of the model
-(`innerloop_ctx(..., copy_initial_weights=False)`, so the graph starts at the registered
-parameters), with the hyperparameters passed as tensors through `override`. The hypergradient is
-the exact derivative of the validation loss after those R steps with respect to the raw
-hyperparameters. Steps before them take the fast path; after the hyperparameter step the fast
-weights and momentum buffers are written back into the model and the graph is dropped.
+The last R weight steps of each window are unrolled functionally: from a detached copy of the
+weights, each step takes the loss gradient with create_graph and applies the weight-update rule's
+differentiable `update` (algorithms/weight_update.py, the same rule the fast path and the implicit
+algorithms use: SGD or Adam) with the hyperparameters as tensors of the raw values. The
+hypergradient is the exact derivative of the validation loss after those R steps with respect to
+the raw hyperparameters. Steps before them take the fast path. The model's parameters follow the
+unrolled weights' values after every step (for measurements), and after the hyperparameter step
+the rule's state is kept, detached, and the graph dropped.
 
 With `reset_weights`, every window restarts from the initial weights and optimiser state, so each
 hyperparameter step differentiates through a whole short training run (Long Diff-through-Opt).
@@ -17,11 +19,11 @@ import copy
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import higher
 import torch
 
 from algorithms import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
+from algorithms.weight_update import detached
 
 if TYPE_CHECKING:
     from config import Config
@@ -34,9 +36,6 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         from config import ConfigError
-        if cfg.optimiser.name != "sgd":
-            raise ConfigError(f"{cfg.algorithm} differentiates through SGD steps with higher: optimiser.name "
-                              f"must be sgd, not {cfg.optimiser.name!r}")
         steps = cfg.tuning.unroll_steps
         if steps is not None and steps > cfg.network_weight_steps:
             raise ConfigError(f"tuning.unroll_steps = {steps} exceeds network_weight_steps = "
@@ -50,7 +49,8 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         self.tracked_steps = cfg.tuning.unroll_steps or cfg.network_weight_steps
         self.reset_weights = cfg.tuning.reset_weights
         self._initial = ([p.detach().clone() for p in learner.params], copy.deepcopy(learner.rule_state))
-        self._fast_model: torch.nn.Module | None = None
+        self.names = [name for name, _ in learner.model.named_parameters()]
+        self._weights: list[torch.Tensor] | None = None      # the unrolled weights, on the graph
 
     def start_window(self, learner: Learner, window: int) -> None:
         if self.reset_weights and window > 0:
@@ -69,37 +69,31 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
     @contextlib.contextmanager
     def tracking(self, learner: Learner) -> Iterator[Stepper]:
         natural = self.hyperparameters.natural()
-        torch_sgd = torch.optim.SGD(learner.params, lr=1.0, momentum=0.0)
-        for p, buffer in zip(learner.params, learner.rule_state["momentum_buffer"], strict=False):
-            torch_sgd.state[p]["momentum_buffer"] = buffer
-        override = {name: [natural[name]] for name in ("lr", "weight_decay", "momentum")}
-        def global_gradient(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-            return learner.global_gradient(list(grads))
+        state = learner.rule_state
+        self._weights = [p.detach().clone().requires_grad_() for p in learner.params]
 
-        with higher.innerloop_ctx(learner.model, torch_sgd, copy_initial_weights=False,
-                                  override=override) as (fast_model, differentiable_sgd):
-            def unrolled_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-                outputs = learner.forward(fast_model, batch)
-                loss = learner.local_loss(outputs, batch)
-                differentiable_sgd.step(loss, grad_callback=global_gradient)
-                return outputs, loss
-
-            self._fast_model = fast_model
-            try:
-                yield Stepper(fast_model, unrolled_step)
-            finally:
-                self._fast_model = None
+        def unrolled_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal state
+            weights = self._weights
+            outputs = learner.forward(learner.model, batch, dict(zip(self.names, weights, strict=True)))
+            loss = learner.local_loss(outputs, batch)
+            gradient = learner.global_gradient(list(torch.autograd.grad(loss, weights, create_graph=True)))
+            self._weights, state = learner.rule.update(weights, gradient, state, natural)
             with torch.no_grad():
-                torch._foreach_copy_(learner.params, [w.detach() for w in fast_model.parameters()])
-            buffers = [differentiable_sgd.state[0].get(i, {}).get("momentum_buffer")
-                       for i in range(len(learner.params))]
-            if all(b is not None for b in buffers):
-                learner.rule_state = {"momentum_buffer": [b.detach() for b in buffers]}
+                torch._foreach_copy_(learner.params, self._weights)
+            return outputs, loss
+
+        try:
+            yield Stepper(learner.model, unrolled_step)
+            learner.rule_state = detached(state)
+        finally:
+            self._weights = None        # drop the graph
 
     def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
         batch = next(learner.hyper_batches)
-        self._fast_model.eval()
-        validation_loss = learner.local_loss(learner.forward(self._fast_model, batch), batch)
+        learner.model.eval()
+        weights = dict(zip(self.names, self._weights, strict=True))
+        validation_loss = learner.local_loss(learner.forward(learner.model, batch, weights), batch)
         leaves = self.hyperparameters.leaves()
         grads = torch.autograd.grad(validation_loss, leaves, allow_unused=True)
         grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]

@@ -28,6 +28,11 @@ def clip_gradient_norm(grads: Tensors, max_norm: float | None) -> Tensors:
     return [g * scale for g in grads]
 
 
+def detached(state: dict) -> dict:
+    """A rule's state cut from the graph of the differentiable `update` that made it."""
+    return {key: [v.detach() for v in value] if isinstance(value, list) else value for key, value in state.items()}
+
+
 def _per_param(value: Hyper, count: int) -> list:
     return value if isinstance(value, list) else [value] * count
 
