@@ -40,6 +40,7 @@ def share_cores(processes: int) -> int:
     worker, a data-parallel rank); returns its share, which runs with threads: null use."""
     global _core_share
     _core_share = max(1, available_cores() // processes)
+    torch.set_num_threads(_core_share)      # until a run sets its own count (train.prepare)
     return _core_share
 
 
