@@ -377,4 +377,4 @@ def run_bayesopt(name: str, experiment: Experiment, args: argparse.Namespace) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(util.run_command(main))

@@ -30,6 +30,19 @@ from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
 from config import ConfigError, short_repr
 
+
+def run_command(main: Callable[[], int]) -> int:
+    """A script's exit code: `main()`'s, or 141 without a traceback when whoever read its output
+    stopped reading (e.g. `| head`), as shell tools do."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # nothing more to flush at exit
+        return 141
+
+
 # -- threads ---------------------------------------------------------------------------------
 
 _core_share: int | None = None

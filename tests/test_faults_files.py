@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +257,13 @@ def test_damaged_raw_uci_data_is_one_line_naming_the_file(tmp_path, capsys, shar
 
 def test_every_uci_set_has_its_expected_column_count(shared_data, tmp_path):
     assert download_and_process_data.main(["--source", str(shared_data), "--out", str(tmp_path)]) == 0
+
+
+def test_a_reader_that_stops_reading_gets_no_traceback():
+    """`run_all.py --list | head -1`: the script ends quietly (exit 141, as shell tools do)."""
+    process = subprocess.Popen([sys.executable, "run_all.py", "--list"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in process.stderr.read()
