@@ -195,12 +195,15 @@ def calibrate_experiments(results: Path, workers: int, names: list[str], extra: 
         experiment = EXPERIMENTS[name]
         if experiment.runner not in RUNS:
             continue
-        with contextlib.suppress(ConfigError):       # a replay whose source has not run yet
-            for job in _representatives(experiment.jobs(name, results, extra=extra)):
-                cfg = job.config(results)
-                kinds.setdefault(calibration_key(cfg), cfg)
+        try:
+            jobs = experiment.jobs(name, results, extra=extra)
+        except ConfigError:               # a replay whose source has not run yet
+            continue
+        for job in _representatives(jobs):
+            cfg = job.config(results)     # (a bad --set is an error here, not a silently empty table)
+            kinds.setdefault(calibration_key(cfg), cfg)
     path = results / CALIBRATION
-    earlier = json.loads(path.read_text())["kinds"] if path.is_file() else {}
+    earlier = read_calibration(path)["kinds"] if path.is_file() else {}
     table = {"machine": machine() | {"workers": workers}, "kinds": earlier}
     for number, (key, cfg) in enumerate(sorted(kinds.items()), 1):
         try:
@@ -219,8 +222,18 @@ def load_calibration(results: Path) -> tuple[dict, Path | None]:
     an empty one if neither exists."""
     for path in (results / CALIBRATION, SHIPPED_CALIBRATION):
         if path.is_file():
-            return json.loads(path.read_text()), path
+            return read_calibration(path), path
     return {"machine": None, "kinds": {}}, None
+
+
+def read_calibration(path: Path) -> dict:
+    try:
+        table = json.loads(path.read_text())
+        if isinstance(table, dict) and isinstance(table.get("kinds"), dict) and "machine" in table:
+            return table
+    except (OSError, ValueError):
+        pass
+    raise ConfigError(f"{path}: not a calibration table; delete it and run --calibrate again")
 
 
 def estimate(jobs: list[parallel_exec.Job], results: Path, kinds: dict) -> tuple[float, int]:
@@ -323,6 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py override for every run (e.g. hyperparameter_steps=50)")
     args = parser.parse_args(argv)
+    if not (args.calibrate or args.list or args.parse or args.experiment):
+        parser.error("name an experiment, or use --list, --calibrate or --parse")
+    try:
+        return run(args)
+    except ConfigError as error:
+        print(f"run_all.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """What the command line asks for; a ConfigError for anything a user must fix."""
     if args.calibrate:
         names = [args.experiment] if args.experiment else list(EXPERIMENTS)
         path = calibrate_experiments(args.results, args.workers, names, tuple(args.overrides))
@@ -334,25 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.parse:
         print_results(args.parse)
         return 0
-    if args.experiment is None:
-        parser.error("name an experiment, or use --list or --parse")
     experiment = EXPERIMENTS[args.experiment]
-    try:
-        if experiment.runner == "bayesopt":
-            run_bayesopt(args.experiment, experiment, args)
-        elif experiment.runner in ("asha", "pbt"):
-            run_tune(args.experiment, experiment, args)
-        elif experiment.runner == "batch":
-            jobs = experiment.jobs(args.experiment, args.results, args.reps, args.seed, tuple(args.overrides))
-            counts = parallel_exec.run_batch(jobs, args.results, args.workers, show_progress=sys.stderr.isatty())
-            print(f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
-            if counts["failed"]:
-                return 1          # the batch went on; the exit code still says that runs failed
-        else:
-            raise ConfigError(f"{args.experiment} runs with {experiment.runner}, not from run_all.py")
-    except ConfigError as error:
-        print(f"run_all.py: error: {error}", file=sys.stderr)
-        return 2
+    if experiment.runner == "bayesopt":
+        run_bayesopt(args.experiment, experiment, args)
+    elif experiment.runner in ("asha", "pbt"):
+        run_tune(args.experiment, experiment, args)
+    elif experiment.runner == "batch":
+        jobs = experiment.jobs(args.experiment, args.results, args.reps, args.seed, tuple(args.overrides))
+        counts = parallel_exec.run_batch(jobs, args.results, args.workers, show_progress=sys.stderr.isatty())
+        print(f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
+        if counts["failed"]:
+            return 1          # the batch went on; the exit code still says that runs failed
+    else:
+        raise ConfigError(f"{args.experiment} runs with {experiment.runner}, not from run_all.py")
     return 0
 
 

@@ -484,8 +484,7 @@ CHECKPOINT_KEYS = {"config", "run_dir", "steps_done", "windows_done", "logged_at
 
 def one_line(error: BaseException, limit: int = 200) -> str:
     """An exception's message on one line, cut to `limit` characters (library messages run long)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    return config.short(" ".join(str(error).split()) or type(error).__name__, limit)
 
 
 def differing_keys(saved: dict, current: dict) -> list[str]:

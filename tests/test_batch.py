@@ -244,3 +244,13 @@ def test_asha_and_pbt_search_on_ray_tune(ray_cluster, tmp_path):
     assert restored, "no trial continued from another's checkpoint"
     record = json.loads(restored[0].read_text())
     assert record["hyperparameters_after"]["Hyperparameter/Lr"] > 0
+
+
+def test_calibration_errors_are_one_line(tmp_path, capsys):
+    """A bad --set is an error, not a silently empty table; a damaged table is refused by --list."""
+    assert run_all.main(["--calibrate", "uci_yacht", "-l", str(tmp_path), "--set", "no_such_key=1"]) == 2
+    assert not (tmp_path / "calibration.json").exists()
+    (tmp_path / "calibration.json").write_text('{"kinds": ')
+    assert run_all.main(["--list", "-l", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "no_such_key" in err[0] and "not a calibration table" in err[1]
