@@ -734,6 +734,7 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
         if context.is_rank0:
             print(summary(run_dir, cfg, metrics), flush=True)
         distributed.shutdown(finished=True)
+        distributed.exit_process(0)
     except Exception as error:
         # Said here, as it happens: the launcher may first hear of another rank's consequent failure.
         print(f"train.py: error on rank {rank}: {rank_error(error)}", file=sys.stderr, flush=True)
@@ -860,4 +861,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(util.run_command(main))
+    distributed.exit_process(util.run_command(main))

@@ -43,6 +43,8 @@ def _rank(rank: int, world_size: int, port: int, algorithm: str, results: dict) 
             if context.is_rank0:
                 results[algorithm] = (time.perf_counter() - start, dict(distributed.traffic), learner.steps_done)
         distributed.shutdown(finished=True)
+        if context.active:
+            distributed.exit_process(0)
     finally:
         distributed.shutdown()
 

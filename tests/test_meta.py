@@ -93,6 +93,7 @@ def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
         with open(f"{out}.{rank}", "w") as file:
             json.dump(_gradients(rank), file)
         distributed.shutdown(finished=True)
+        distributed.exit_process(0)
     finally:
         distributed.shutdown()
         del context
