@@ -1,6 +1,6 @@
 """Configuration: YAML files deep-merged in order, command-line overrides, validation.
 
-A run is described by a frozen `Config` (nested dataclasses below). Values are in natural units
+A run is described by a frozen `Config` (nested dataclasses of schema.py). Values are in natural units
 (`lr: 1.0e-3`, never its log10). Sources are applied in this order, later winning:
 
     defaults  <-  -c a.yaml b.yaml ...  <-  named flags (--seed, --batch_size, ...)  <-  --set k=v
@@ -21,235 +21,28 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO_DIR = Path(__file__).resolve().parent
+import algorithms
+import datasets
+import models
+from algorithms.hyperparameters import TRANSFORMS
+from algorithms.weight_update import RULES
+from schema import QUOTE_LENGTH, Config, ConfigError, short, short_repr
 
 
-class ConfigError(ValueError):
-    """A bad configuration, described in one line."""
-
-
-# Upper bounds of integer keys: far above any real run, low enough that a typo (10**30) is an error
-# instead of a run that never ends, an allocation that fails or an integer overflow in torch.
-MAX_COUNT = 10**9           # steps, batch sizes, tasks
-MAX_WIDTH = 10**6           # layer widths, streams, points, dimensions
-MAX_SEED = 2**63 - 1        # seeds are offset per stream and must stay within torch's 64 bits
-MAX_NAME = 100              # characters of a run or group name
-_SHORT = 80                 # characters of a value quoted in an error message
-
-
-def short(text: str, limit: int = _SHORT) -> str:
-    """`text` cut to `limit` characters (with an ellipsis): error messages stay one short line."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def short_repr(value: Any) -> str:
-    """repr(value) for an error message, cut to a readable length (a tuple shown as the YAML list
-    it was written as)."""
-    return short(repr(list(value) if isinstance(value, tuple) else value))
-
-
-def option(default: Any, doc: str, *, choices: typing.Callable[[], typing.Iterable[str]] | None = None,
-           low: float | None = None, high: float | None = None,
-           low_inclusive: bool = True, high_inclusive: bool = True,
-           check: typing.Callable[[Any], str | None] | None = None) -> Any:
-    """A config field with its documentation and valid range (checked by `_check_value`); `check`
-    returns what is wrong with a value, or None."""
-    metadata = dict(doc=doc, choices=choices, low=low, high=high,
-                    low_inclusive=low_inclusive, high_inclusive=high_inclusive, check=check)
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults: configs are frozen")
-    return field(default=default, metadata=metadata)
-
-
-def _dataset_names() -> list[str]:
-    import datasets
-    return sorted(datasets.DATASETS)
-
-
-def _model_names() -> list[str]:
-    import models
-    return sorted(models.MODELS)
-
-
-def _activation_names() -> list[str]:
-    import models
-    return sorted(models.ACTIVATIONS)
-
-
-def _loss_names() -> list[str]:
-    import models
-    return sorted(models.LOSSES)
-
-
-def _algorithm_names() -> list[str]:
-    import algorithms
-    return sorted(algorithms.ALGORITHMS)
-
-
-def plain_name(name: str) -> str | None:
-    """What makes `name` unfit to be one folder name below log_root, or None: it must not lead
-    elsewhere (a separator, '..') nor hold control characters, and stays short."""
-    if "/" in name or "\\" in name:
-        return "a name, not a path: it must not contain '/' or '\\'"
-    if ".." in name:
-        return "a name, not a path: it must not contain '..'"
-    if any(ord(character) < 32 for character in name):
-        return "must not contain control characters"
-    if len(name) > MAX_NAME:
-        return f"must be at most {MAX_NAME} characters long, not {len(name)}"
-    return None
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str = option("diabetes", "registered dataset", choices=_dataset_names)
-    validation_proportion: float = option(
-        0.0, "fraction of train+validation held out (contiguously, at the end) for validation; "
-        "0 trains on all of it and logs no validation loss", low=0.0, high=1.0, high_inclusive=False)
-    normalise_inputs: bool = option(True, "standardise each input feature with train+validation statistics")
-    normalise_outputs: bool = option(False, "standardise regression targets (losses are also logged unnormalised)")
-    full_validation: bool = option(False, "evaluate the whole validation split at each log, not one batch")
-    test_batch_size: int | None = option(
-        None, "intermediate measurements of the test set use a random batch of this many rows (token "
-              "streams: time steps); null = the whole test split. The final measurement always uses it all",
-        low=1, high=MAX_COUNT)
-    data_dir: str | None = option(None, "folder of processed datasets (default: data/ in the repository)")
-    sequence_streams: int = option(40, "language-model datasets: parallel streams the token sequence is cut "
-                                       "into (batch_size is then the truncated-BPTT length)",
-                                    low=1, high=MAX_WIDTH)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = option("mlp", "registered model", choices=_model_names)
-    layer_sizes: tuple[int, ...] = option((10, 50, 1), "widths from inputs to outputs", low=1, high=MAX_WIDTH)
-    activation: str = option("relu", "hidden-layer nonlinearity", choices=_activation_names)
-    batch_norm: bool = option(False, "BatchNorm before each hidden activation")
-    embedding_size: int = option(650, "lstm: width of the token embedding", low=1, high=MAX_WIDTH)
-    hidden_size: int = option(650, "lstm: units per LSTM layer", low=1, high=MAX_WIDTH)
-    num_layers: int = option(2, "lstm: stacked LSTM layers", low=1, high=1000)
-
-
-def _rule_names() -> list[str]:
-    from algorithms.weight_update import RULES
-    return sorted(RULES)
-
-
-def _hyperparameter_names() -> list[str]:
-    from algorithms.hyperparameters import TRANSFORMS
-    return list(TRANSFORMS)
-
-
-@dataclass(frozen=True)
-class OptimiserConfig:
-    name: str = option("sgd", "weight-update rule (PyTorch's update rules)", choices=_rule_names)
-    lr: float = option(1.0e-3, "initial learning rate", low=0.0, low_inclusive=False)
-    weight_decay: float = option(0.0, "initial L2 weight decay (added to the gradient)", low=0.0)
-    momentum: float = option(0.0, "initial momentum, sgd (PyTorch convention: b <- mu b + g)",
-                             low=0.0, high=1.0, high_inclusive=False)
-    beta1: float = option(0.9, "initial first-moment decay, adam", low=0.0, high=1.0, high_inclusive=False)
-    beta2: float = option(0.999, "initial second-moment decay, adam", low=0.0, high=1.0, high_inclusive=False)
-    lr_multiplier: float | None = option(
-        None, "multiply lr by this after every hyperparameter step (Random_SteppedLR)",
-        low=0.0, low_inclusive=False)
-    lr_bounds: tuple[float, float] = option(
-        (1.0e-10, 1.0), "lr is clipped into [low, high] after each hyperparameter step",
-        low=0.0, low_inclusive=False)
-    gradient_clip: float | None = option(
-        None, "scale the (global) weight gradient down to at most this norm before every update, as "
-              "torch.nn.utils.clip_grad_norm_ does; null = no clipping", low=0.0, low_inclusive=False)
-
-
-@dataclass(frozen=True)
-class TuningConfig:
-    hyperparameters: tuple[str, ...] = option(
-        (), "hyperparameters to optimise (of optimiser.name's rule)", choices=_hyperparameter_names)
-    high_dimensional: tuple[str, ...] = option(
-        (), "optimised hyperparameters that get one value per weight element", choices=lambda: ["lr"])
-    optimiser: str = option("adam", "hyper-optimiser, on log10 lr / log10 weight_decay / logit momentum",
-                            choices=lambda: ["adam", "sgd"])
-    lr: float = option(0.05, "hyper-optimiser step size", low=0.0)
-    rollback_distance: int = option(5, "i: Neumann-series terms of the implicit hypergradient",
-                                    low=1, high=MAX_COUNT)
-    unroll_steps: int | None = option(
-        5, "R: weight steps differentiated through before each hyperparameter step (unrolled "
-           "algorithms); null = the whole window", low=1, high=MAX_COUNT)
-    reset_weights: bool = option(False, "unrolled: restart every window from the initial weights and "
-                                        "optimiser state (Long Diff-through-Opt)")
-    validation_data: str = option("validation", "data of the hypergradient's loss",
-                                  choices=lambda: ["validation", "training"])
-
-
-@dataclass(frozen=True)
-class MetaConfig:
-    points: int = option(100, "learned dataset: number of points (half labelled 0, half 1)", low=2,
-                         high=MAX_WIDTH)
-    dimensions: int = option(2, "learned dataset: dimensions of each point", low=1, high=MAX_WIDTH)
-    inner_steps: int = option(3, "SGD steps that adapt each fresh linear classifier", low=1,
-                              high=MAX_COUNT)
-    inner_lr: float = option(0.1, "step size of those inner SGD steps", low=0.0, low_inclusive=False)
-    outer_steps: int = option(500, "outer (dataset) steps", low=1, high=MAX_COUNT)
-    outer_optimiser: str = option("adam", "optimiser of the dataset", choices=lambda: ["adam", "sgd"])
-    outer_lr: float = option(0.05, "its step size", low=0.0, low_inclusive=False)
-    evaluation_tasks: int = option(1000, "fresh classifiers adapted to the final dataset to evaluate it",
-                                   low=1, high=MAX_COUNT)
-
-
-@dataclass(frozen=True)
-class Config:
-    task: str = option("hyperparameter_optimisation", "what a run does: tune hyperparameters while "
-                       "training, or learn a dataset by meta-learning (meta.*)",
-                       choices=lambda: ["hyperparameter_optimisation", "meta_dataset"])
-    algorithm: str = option("Random", "hyperparameter optimisation algorithm", choices=_algorithm_names)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata=dict(doc="the data"))
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="the network"))
-    loss: str = option("mse", "training and evaluation loss", choices=_loss_names)
-    optimiser: OptimiserConfig = field(default_factory=OptimiserConfig,
-                                       metadata=dict(doc="weight optimiser and initial hyperparameters"))
-    tuning: TuningConfig = field(default_factory=TuningConfig,
-                                 metadata=dict(doc="how the hyperparameters are optimised"))
-    meta: MetaConfig = field(default_factory=MetaConfig, metadata=dict(doc="the meta-learning task"))
-    batch_size: int | None = option(None, "training batch size; null = the full training set", low=1,
-                                    high=MAX_COUNT)
-    network_weight_steps: int = option(10, "weight steps per hyperparameter step (T)", low=1,
-                                       high=MAX_COUNT)
-    hyperparameter_steps: int = option(400, "number of hyperparameter steps (H); H*T weight steps in all",
-                                       low=1, high=MAX_COUNT)
-    seed: int | None = option(None, "random seed; null draws one (recorded in config.json)", low=0,
-                              high=MAX_SEED)
-    device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    dtype: str = option("float32", "precision of weights, hyperparameters and data",
-                        choices=lambda: ["float32", "float64"])
-    threads: int | None = option(
-        None, "intra-op CPU threads of each process; null = 1 for models under 1M parameters (the fastest "
-              "for them, and safe on a busy machine), else this process's share of the cores. The count "
-              "used is recorded in config.json; results are reproducible bit for bit at a fixed count",
-        low=1, high=4096)
-    log_every: int = option(10, "evaluate and log per-step scalars every this many weight steps",
-                            low=1, high=MAX_COUNT)
-    log_root: str = option("runs", "root folder of run directories")
-    run_group_name: str | None = option(
-        None, f"subfolder of log_root for this run; null = <dataset>/<algorithm>. A name, not a path: no '/', "
-              f"'\\', '..' or control characters, at most {MAX_NAME} characters", check=plain_name)
-    run_name: str | None = option(
-        None, "suffix of the run directory's name; a name as run_group_name is", check=plain_name)
-
-    @property
-    def run_group(self) -> str:
-        """The run's folder below log_root: run_group_name, or <dataset>/<algorithm> by default."""
-        if self.run_group_name is not None:
-            return self.run_group_name
-        return "meta_dataset" if self.task == "meta_dataset" else f"{self.dataset.name}/{self.algorithm}"
-
-    @property
-    def total_weight_steps(self) -> int:
-        return self.hyperparameter_steps * self.network_weight_steps
+def valid_names(choices: str | tuple[str, ...]) -> list[str]:
+    """The names a key accepts: its own tuple, or those of the registry schema.py names."""
+    if isinstance(choices, tuple):
+        return list(choices)
+    if choices == "hyperparameters":
+        return list(TRANSFORMS)           # in their documented order
+    registries = {"datasets": datasets.DATASETS, "models": models.MODELS, "activations": models.ACTIVATIONS,
+                  "losses": models.LOSSES, "algorithms": algorithms.ALGORITHMS, "rules": RULES}
+    return sorted(registries[choices])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +96,7 @@ def _yaml_problem(error: yaml.YAMLError, source: str, lines: bool = True) -> str
     """One line for a YAML error: where (with the line, when known and `lines`) and what."""
     mark = getattr(error, "problem_mark", None)
     where = f"{source}:{mark.line + 1}" if mark and lines else source
-    problem = short(getattr(error, "problem", None) or str(error).splitlines()[0], 2 * _SHORT)
+    problem = short(getattr(error, "problem", None) or str(error).splitlines()[0], 2 * QUOTE_LENGTH)
     return f"{where}: {problem}" if isinstance(error, _Refused) else f"{where}: malformed YAML: {problem}"
 
 
@@ -517,8 +310,8 @@ def _check_value(value: Any, annotation: Any, meta: dict, path: tuple, sources: 
         raise ConfigError(f"{where} = {short_repr(value)}: {problem}")
     choices = meta.get("choices")
     for item in value if isinstance(value, tuple) else (value,):
-        if choices is not None and item not in choices():
-            raise ConfigError(f"{where}: unknown name {short_repr(item)}; valid: {', '.join(choices())}")
+        if choices is not None and item not in valid_names(choices):
+            raise ConfigError(f"{where}: unknown name {short_repr(item)}; valid: {', '.join(valid_names(choices))}")
     return value
 
 
@@ -546,7 +339,6 @@ def _check_consistency(cfg: Config) -> None:
 
 
 def _check_tuning(cfg: Config) -> None:
-    from algorithms.weight_update import RULES
     tuning, rule = cfg.tuning, RULES[cfg.optimiser.name]
     for name in tuning.hyperparameters:
         if name not in rule.hyperparameters:
@@ -560,7 +352,6 @@ def _check_tuning(cfg: Config) -> None:
             raise ConfigError(f"tuning.high_dimensional: '{name}' must also be in tuning.hyperparameters")
     if cfg.optimiser.lr_multiplier is not None and "lr" in tuning.hyperparameters:
         raise ConfigError("optimiser.lr_multiplier: a fixed lr schedule cannot be combined with an optimised lr")
-    import algorithms
     algorithms.ALGORITHMS[cfg.algorithm].check_config(cfg)
     optimises = algorithms.ALGORITHMS[cfg.algorithm].optimises
     if optimises != bool(tuning.hyperparameters):
@@ -617,7 +408,7 @@ def _keys_help() -> str:
         f = next(f for f in dataclasses.fields(cls) if f.name == path[-1])
         annotation = typing.get_type_hints(cls)[path[-1]]
         choices = f.metadata.get("choices")
-        extra = f"; one of: {', '.join(choices())}" if choices else ""
+        extra = f"; one of: {', '.join(valid_names(choices))}" if choices else ""
         lines.append(f"  {_dotted(path)} ({_type_name(annotation)}, default {json.dumps(default[path[-1]])})")
         lines.append(f"      {f.metadata['doc']}{extra}")
     return "\n".join(lines)

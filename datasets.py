@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from algorithms import distributed
-from config import ConfigError
+import distributed
+from schema import ConfigError
 
 if TYPE_CHECKING:
-    from config import DatasetConfig
+    from schema import DatasetConfig
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 

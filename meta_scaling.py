@@ -23,8 +23,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import meta_learning  # noqa: E402
 import util  # noqa: E402
-from algorithms import meta  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 
@@ -47,7 +47,7 @@ def adapted_boundaries(run_dir: Path, count: int) -> tuple[torch.Tensor, torch.T
     """The learned dataset, its labels, and `count` fresh classifiers (w1, w2, b) adapted to it."""
     saved = torch.load(run_dir / "learned_dataset.pt", weights_only=True)
     config = json.loads((run_dir / "config.json").read_text())["meta"]
-    module = meta.learned_dataset_meta_module(
+    module = meta_learning.learned_dataset_meta_module(
         len(saved["X"]), saved["X"].shape[1], config["inner_steps"], config["inner_lr"],
         torch.Generator().manual_seed(0), torch.Generator().manual_seed(12345), saved["X"].dtype)
     with torch.no_grad():

@@ -31,9 +31,10 @@ from tqdm import tqdm
 import algorithms
 import config
 import datasets
+import distributed
+import meta_learning
 import models
 import util
-from algorithms import distributed, meta
 from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
 from algorithms.hyperparameters import tag as hyperparameter_tag
@@ -702,7 +703,7 @@ def preflight(cfg: Config, save_state: str | None, load_state: str | None) -> No
 
 def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: str | None,
                        run_dir: Path | None = None) -> tuple[Path | None, dict]:
-    """The meta-learning task (algorithms/meta.py): learn a dataset that classifiers learn fast."""
+    """The meta-learning task (meta_learning.py): learn a dataset that classifiers learn fast."""
     refuse_meta_checkpoint(cfg, checkpoint)
     if cfg.seed is None:
         cfg = replace(cfg, seed=secrets.randbelow(2**31))
@@ -710,7 +711,7 @@ def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: st
     torch.set_num_threads(cfg.threads)
     run_dir, log = open_run(cfg, context, run_dir)
     try:
-        metrics = meta.train_learned_dataset(cfg, context, log)
+        metrics = meta_learning.train_learned_dataset(cfg, context, log)
     finally:
         if log is not None:
             log.close()

@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-from config import ConfigError, short_repr
+from schema import ConfigError, short_repr
 
 
 def run_command(main: Callable[[], int]) -> int:

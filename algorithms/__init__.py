@@ -15,7 +15,7 @@ from algorithms.implicit import ImplicitHyperOptimiser
 from algorithms.unrolled import UnrolledHyperOptimiser
 
 if TYPE_CHECKING:
-    from config import Config
+    from schema import Config
     from train import Learner
 
 ALGORITHMS: dict[str, type[HyperOptimiser]] = {

@@ -12,8 +12,8 @@ from torch import nn
 from algorithms.weight_update import RULES
 
 if TYPE_CHECKING:
-    from config import Config
     from datasets import Batch
+    from schema import Config
     from train import Learner
 
 

@@ -27,8 +27,8 @@ import torch
 from algorithms.base import GradientHyperOptimiser, Stepper
 
 if TYPE_CHECKING:
-    from config import Config
     from datasets import Batch
+    from schema import Config
     from train import Learner
 
 
@@ -37,7 +37,7 @@ class BaydinHyperOptimiser(GradientHyperOptimiser):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        from config import ConfigError
+        from schema import ConfigError
         if tuple(cfg.tuning.hyperparameters) != ("lr",) or cfg.tuning.high_dimensional:
             raise ConfigError(f"{cfg.algorithm} tunes one scalar learning rate: tuning.hyperparameters must be [lr] "
                               f"and tuning.high_dimensional empty")

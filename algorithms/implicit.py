@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms import distributed
+import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
 from algorithms.weight_update import clip_gradient_norm, detached
 
 if TYPE_CHECKING:
-    from config import Config
     from datasets import Batch
+    from schema import Config
     from train import Learner
 
 
@@ -81,7 +81,7 @@ class ImplicitHyperOptimiser(GradientHyperOptimiser):
         copies = context.world_size if self.exact_products else 1
         for _ in range(self.rollback_distance - 1):
             term = list(torch.autograd.grad(after, before, grad_outputs=term, retain_graph=True))
-            distributed.all_reduce_(term, context)      # global product: see algorithms/distributed.py
+            distributed.all_reduce_(term, context)      # global product: see distributed.py
             if copies > 1:
                 torch._foreach_div_(term, copies)
             torch._foreach_add_(total, term)

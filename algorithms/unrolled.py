@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms import distributed
+import distributed
 from algorithms.base import GradientHyperOptimiser, Stepper
 from algorithms.weight_update import detached
 
 if TYPE_CHECKING:
-    from config import Config
     from datasets import Batch
+    from schema import Config
     from train import Learner
 
 
@@ -35,7 +35,7 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        from config import ConfigError
+        from schema import ConfigError
         steps = cfg.tuning.unroll_steps
         if steps is not None and steps > cfg.network_weight_steps:
             raise ConfigError(f"tuning.unroll_steps = {steps} exceeds network_weight_steps = "

@@ -5,7 +5,7 @@
 Random and Ours_LR_Momentum on a Fashion-MNIST-sized MLP (784-50-10, global batch 50, synthetic
 data of that shape), 100 windows of T = 10 steps, run by 1 and by 2 gloo processes started like
 `train.py --nproc`. Reports wall seconds per weight step (median over repeats) and, counted in
-`algorithms.distributed.all_reduce_`, the all-reduces and bytes per weight step and per window.
+`distributed.all_reduce_`, the all-reduces and bytes per weight step and per window.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the re
 
 from bench_algorithms import fashion_mnist_sized_setup  # noqa: E402
 
+import distributed  # noqa: E402
 import train  # noqa: E402
-from algorithms import distributed  # noqa: E402
 
 WINDOWS = 100
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import datasets
+import distributed
 import download_and_process_data
-from algorithms import distributed
-from config import DatasetConfig
+from schema import DatasetConfig
 
 # The original's split sizes: (train+val, test) and (train, validation) at the shipped proportion.
 EXPECTED_SIZES = {

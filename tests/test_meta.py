@@ -8,14 +8,15 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from algorithms import distributed, meta
+import distributed
+import meta_learning
 from tests.conftest import run_cli
 
 DTYPE = torch.float64
 
 
-def toy(seed: int = 0, task_seed: int = 1) -> meta.MetaModule:
-    return meta.learned_dataset_meta_module(20, 2, 3, 0.1, torch.Generator().manual_seed(seed),
+def toy(seed: int = 0, task_seed: int = 1) -> meta_learning.MetaModule:
+    return meta_learning.learned_dataset_meta_module(20, 2, 3, 0.1, torch.Generator().manual_seed(seed),
                                             torch.Generator().manual_seed(task_seed), DTYPE)
 
 
@@ -28,7 +29,7 @@ def test_cavia_outer_gradient_equals_a_torch_func_unroll():
     outer = bce(module(), module.module.Y)
     (got,) = torch.autograd.grad(outer, module.module.X)
 
-    draw = meta.classifier_draw(2, torch.Generator().manual_seed(1), DTYPE)()      # the same classifier
+    draw = meta_learning.classifier_draw(2, torch.Generator().manual_seed(1), DTYPE)()      # the same classifier
     labels = module.module.Y
 
     def inner_loss(w: torch.Tensor, b: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def test_maml_outer_gradient_equals_a_hand_written_unroll():
     torch.manual_seed(0)
     inputs, targets = torch.randn(16, 3, dtype=DTYPE), torch.randn(16, 1, dtype=DTYPE)
     net = nn.Linear(3, 1).to(DTYPE)
-    module = meta.MetaModule(net, inner_loss=lambda m: nn.functional.mse_loss(m(inputs), targets),
+    module = meta_learning.MetaModule(net, inner_loss=lambda m: nn.functional.mse_loss(m(inputs), targets),
                              inner_optimiser=lambda params: torch.optim.SGD(params, lr=0.05), inner_steps=2,
                              output=lambda m: m(inputs))
     got = torch.autograd.grad(nn.functional.mse_loss(module(), targets), list(net.parameters()))

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import distributed
 import util
-from algorithms import distributed
 
 if TYPE_CHECKING:
-    from config import Config
+    from schema import Config
 
 
 class MetaModule(nn.Module):
