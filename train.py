@@ -11,6 +11,7 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -35,10 +36,10 @@ import distributed
 import meta_learning
 import models
 import util
-from algorithms.base import Stepper
 from algorithms.hyperparameters import Hyperparameters
 from algorithms.hyperparameters import tag as hyperparameter_tag
-from algorithms.weight_update import RULES, clip_gradient_norm
+from algorithms.steps import Problem, Step, Weights
+from algorithms.weight_update import RULES, clip_gradient_norm, detached
 from config import Config, ConfigError
 
 EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
@@ -147,13 +148,15 @@ class Learner:
             self.test_batches = self._stream(self.splits.test, 4, cfg.dataset.test_batch_size)
         hyper_split = self.splits.train if cfg.tuning.validation_data == "training" else self.splits.validation
         self.hyper_batches = self._stream(hyper_split, 3) if hyper_split is not None else None
+        self.names = [name for name, _ in self.model.named_parameters()]
         self.params = list(self.model.parameters())
         self.rule = RULES[cfg.optimiser.name]
         self.rule_state = self.rule.init_state(self.params)
         self.hyperparameters = Hyperparameters(cfg, self.rule.hyperparameters, self.params)
-        self.fast_stepper = Stepper(self.model, self._fast_step)
         self.fast_hyperparameters = self.hyperparameters.natural_values()   # refreshed every window
-        self.algorithm = algorithms.build(cfg, self)
+        self.problem = Problem(self._loss_at, self._validation_loss_at, self.rule, cfg.optimiser.gradient_clip,
+                               context, distributed.couples_ranks(self.model))
+        self.algorithm = algorithms.build(cfg, self.problem, self.hyperparameters, self.params, self.rule_state)
         self.steps_done = 0
         self.windows_done = 0
         self.logged_at: int | None = None      # a step whose measurement finish() has logged
@@ -217,45 +220,39 @@ class Learner:
             batch.carry.hidden = tuple(h.detach() for h in hidden)
         return outputs
 
-    def global_gradient(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The weight gradient of the global batch from this rank's part, norm-clipped when
-        configured, kept on the autograd graph (unrolled steps)."""
-        grads = distributed.all_reduce_differentiable(grads, self.context)
-        return clip_gradient_norm(grads, self.cfg.optimiser.gradient_clip)
-
     def local_loss(self, outputs: torch.Tensor, batch: datasets.Batch) -> torch.Tensor:
         """This rank's part of the global batch's mean loss: the sum over ranks is the global loss."""
         if len(batch.targets) == 0:
             return outputs.sum() * 0.0
         return self.loss_fn(outputs, batch.targets) * batch.fraction
 
-    def loss_gradient(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(outputs, this rank's loss, the global batch's loss gradient) at the current weights,
-        without a graph; the gradient is summed over ranks and not clipped."""
+    def _loss_at(self, weights: Weights, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, this rank's loss) with `weights` in place of the model's parameters."""
+        outputs = self.forward(self.model, batch, dict(zip(self.names, weights, strict=True)))
+        return outputs, self.local_loss(outputs, batch)
+
+    def _validation_loss_at(self, weights: Weights, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        return self._loss_at(weights, batch)
+
+    def fast_step(self, batch: datasets.Batch) -> Step:
+        """An untracked step, in place: the gradient summed over ranks (clipped when configured),
+        then the rule's foreach update."""
         outputs = self.forward(self.model, batch)
         loss = self.local_loss(outputs, batch)
-        return outputs, loss, distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
+        gradient = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
+        clipped = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)
+        self.rule.update_(self.params, clipped, self.rule_state, self.fast_hyperparameters)
+        return Step(self.params, self.params, self.rule_state, outputs, loss, gradient)   # (one list: in place)
 
-    def fast_update(self, gradient: list[torch.Tensor]) -> None:
-        """The rule's in-place update from a global loss gradient (clipped first, when configured)."""
-        gradient = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)
-        self.rule.update_(self.params, gradient, self.rule_state, self.fast_hyperparameters)
-
-    def _fast_step(self, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """An untracked step: gradient, summed over ranks, then the rule's in-place update."""
-        outputs, loss, gradient = self.loss_gradient(batch)
-        self.fast_update(gradient)
-        return outputs, loss
-
-    def weight_step(self, stepper: Stepper) -> tuple[torch.Tensor, datasets.Batch, torch.Tensor]:
-        """One step on the next training batch; returns (outputs, batch, this rank's loss) from
-        before the update, for `batch_metrics` to turn into metrics when they are wanted."""
+    def weight_step(self, take_step: Callable[[datasets.Batch], Step]) -> tuple[Step, datasets.Batch]:
+        """`take_step` on the next training batch, in training mode."""
         batch = next(self.train_batches)
-        if not stepper.model.training:    # evaluate() leaves eval mode behind; switch back only then
-            stepper.model.train()
-        outputs, loss = stepper.step(batch)
+        if not self.model.training:    # evaluate() leaves eval mode behind; switch back only then
+            self.model.train()
+        step = take_step(batch)
         self.steps_done += 1
-        return outputs, batch, loss
+        return step, batch
 
     # -- measuring ------------------------------------------------------------------------------
 
@@ -346,23 +343,21 @@ class Learner:
         progress = Progress(cfg.total_weight_steps, self.steps_done, f"{cfg.algorithm} on {cfg.dataset.name}",
                             enabled=self.show_progress)
         for h in range(self.windows_done, cfg.hyperparameter_steps):
-            self.algorithm.start_window(self, h)
-            self._previous_window_hyperparameters = self._window_hyperparameters
-            self._window_hyperparameters = self.hyperparameters.log_values()
-            self.fast_hyperparameters = self.hyperparameters.natural_values()
+            self._start_window(h)
             self._log_histograms(h)
             for s in range(T - tracked):
-                loss = self._logged_step(h, s, self.fast_stepper)
-            with self.algorithm.tracking(self) as stepper:
-                for s in range(T - tracked, T):
-                    loss = self._logged_step(h, s, stepper)
-                last_loss = distributed.all_reduce_([loss.reshape(1)], self.context)[0].item()
-                if not math.isfinite(last_loss):
-                    self.status = "diverged"
-                    break
-                self.algorithm.hyper_step(self, stepper)
-                self._window_hyperparameters |= self.algorithm.last_hypergradients
-            del stepper                   # with the graph of its steps: none outlives its window
+                last = self._logged_step(h, s, self.fast_step)
+            if tracked:
+                last = self._tracked_steps(h, T - tracked, T)
+            last_loss = distributed.all_reduce_([last.loss.detach().reshape(1)], self.context)[0].item()
+            if not math.isfinite(last_loss):
+                self.status = "diverged"
+                break
+            if self.algorithm.optimises:
+                self._window_hyperparameters |= self.algorithm.hyper_step(last, next(self.hyper_batches))
+            if tracked:
+                self.rule_state = detached(last.rule_state)
+            del last                      # with the graph of the tracked steps: none outlives its window
             self.hyperparameters.end_window()
             self.windows_done += 1
             self.train_seconds = seconds_before + time.perf_counter() - start
@@ -376,20 +371,41 @@ class Learner:
         self.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
 
-    def _logged_step(self, h: int, s: int, stepper: Stepper) -> torch.Tensor:
-        """Weight step h*T + s, measured and logged when due; returns its training loss."""
-        step = h * self.cfg.network_weight_steps + s
-        due, closes_previous = step % self.cfg.log_every == 0, s == 0 and h > 0
+    def _start_window(self, h: int) -> None:
+        restart = self.algorithm.start_window(h)
+        if restart is not None:
+            weights, self.rule_state = restart
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, weights)
+        self._previous_window_hyperparameters = self._window_hyperparameters
+        self._window_hyperparameters = self.hyperparameters.log_values()
+        self.fast_hyperparameters = self.hyperparameters.natural_values()
+
+    def _tracked_steps(self, h: int, first: int, T: int) -> Step:
+        """Steps `first`..T-1 of window h through the algorithm, from detached copies of the
+        weights; the model's parameters follow their values (for measurements). Returns the last."""
+        weights, state = [p.detach().clone().requires_grad_() for p in self.params], self.rule_state
+        for s in range(first, T):
+            last = self._logged_step(h, s, functools.partial(self.algorithm.track, weights, state))
+            weights, state = last.weights, last.rule_state
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, weights)
+        return last
+
+    def _logged_step(self, h: int, s: int, take_step: Callable[[datasets.Batch], Step]) -> Step:
+        """Weight step h*T + s, measured and logged when due."""
+        index = h * self.cfg.network_weight_steps + s
+        due, closes_previous = index % self.cfg.log_every == 0, s == 0 and h > 0
         # Held-out sets are measured at this step's weights, before its update.
-        held_out = self.measure_held_out(stepper.model) if due or closes_previous else None
-        step_result = self.weight_step(stepper)
-        if held_out is not None and step != self.logged_at:
-            scalars = self.to_scalars({"Training": self.batch_metrics(*step_result)} | held_out)
+        held_out = self.measure_held_out() if due or closes_previous else None
+        step, batch = self.weight_step(take_step)
+        if held_out is not None and index != self.logged_at:
+            scalars = self.to_scalars({"Training": self.batch_metrics(step.outputs, batch, step.loss)} | held_out)
             if due:
-                self._log(step, scalars | self._window_hyperparameters)
+                self._log(index, scalars | self._window_hyperparameters)
             if closes_previous:
                 self._log_last(h - 1, scalars | self._previous_window_hyperparameters)
-        return step_result[-1].detach()     # (no graph outlives its window)
+        return step
 
     def finish(self) -> dict:
         """Measure the final weights on whole splits, log them at step H*T (and as the last

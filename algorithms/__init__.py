@@ -15,8 +15,9 @@ from algorithms.implicit import ImplicitHyperOptimiser
 from algorithms.unrolled import UnrolledHyperOptimiser
 
 if TYPE_CHECKING:
+    from algorithms.hyperparameters import Hyperparameters
+    from algorithms.steps import Problem, Weights
     from schema import Config
-    from train import Learner
 
 ALGORITHMS: dict[str, type[HyperOptimiser]] = {
     "Random": HyperOptimiser,
@@ -37,5 +38,6 @@ ALGORITHMS: dict[str, type[HyperOptimiser]] = {
 }
 
 
-def build(cfg: Config, learner: Learner) -> HyperOptimiser:
-    return ALGORITHMS[cfg.algorithm](cfg, learner)
+def build(cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+          rule_state: dict) -> HyperOptimiser:
+    return ALGORITHMS[cfg.algorithm](cfg, problem, hyperparameters, weights, rule_state)

@@ -1,37 +1,29 @@
-"""The interface between the training loop and a hyperparameter optimiser."""
+"""What a hyperparameter optimiser is to the training loop.
+
+Each window of T weight steps, the loop takes the first T - `tracked_steps` steps itself (in
+place, no graph), then the last `tracked_steps` through the optimiser's `track` (pure: weights and
+rule state in, a `Step` out, on the autograd graph as the algorithm needs), starting from detached
+copies of the weights. `hyper_step` turns the last of those Steps and a batch of the
+hypergradient's data into new hyperparameters. The optimiser sees the run only through its
+`Problem` (algorithms/steps.py). This base class keeps the hyperparameters fixed: the Random
+baselines.
+"""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from algorithms.hyperparameters import Hyperparameters
+from algorithms.steps import Problem, Step, Weights
 from algorithms.weight_update import RULES
 
 if TYPE_CHECKING:
     from datasets import Batch
     from schema import Config
-    from train import Learner
-
-
-@dataclass
-class Stepper:
-    """How weight steps are taken: `step(batch) -> (outputs, this rank's loss)` updates the
-    weights of `model`, the module to evaluate at the current weights."""
-    model: nn.Module
-    step: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HyperOptimiser:
-    """Turns each window of T weight steps into a hyperparameter step.
-
-    The loop takes the first T - `tracked_steps` steps of a window on the fast path (no graph),
-    then enters `tracking()` for the last `tracked_steps` steps and calls `hyper_step()` inside it.
-    This base class keeps the hyperparameters fixed: the Random baselines.
-    """
 
     optimises = False
     tracked_steps = 0
@@ -40,26 +32,31 @@ class HyperOptimiser:
     def check_config(cls, cfg: Config) -> None:
         """Raise ConfigError for settings this algorithm cannot honour (before anything runs)."""
 
-    def __init__(self, cfg: Config, learner: Learner):
+    def __init__(self, cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+                 rule_state: dict):
+        """`weights` and `rule_state`: where training starts (read, not kept, unless needed)."""
         self.cfg = cfg
-        self.hyperparameters = learner.hyperparameters
-        self.last_hypergradients: dict[str, float] = {}   # of the last hyper step, as log tags
+        self.problem = problem
+        self.hyperparameters = hyperparameters
 
-    def start_window(self, learner: Learner, window: int) -> None:
-        """Called before each window's first weight step."""
+    def start_window(self, window: int) -> tuple[Weights, dict] | None:
+        """Weights and rule state to start `window` from instead of where the last one ended."""
+        return None
+
+    def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:
+        """One of the last `tracked_steps` steps of a window."""
+        raise NotImplementedError
+
+    def hyper_step(self, last: Step, batch: Batch) -> dict[str, float]:
+        """Update the hyperparameters from the window whose last tracked step was `last`; returns
+        the hypergradients as log tags (nothing, for Random)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned (the hyperparameters themselves are the Learner's)."""
-
-    @contextlib.contextmanager
-    def tracking(self, learner: Learner) -> Iterator[Stepper]:
-        yield learner.fast_stepper
-
-    def hyper_step(self, learner: Learner, stepper: Stepper) -> None:
-        """Update the hyperparameters from the window just finished (nothing, for Random)."""
+        """Restore what `state_dict` returned (the hyperparameters are restored on their own)."""
 
 
 class GradientHyperOptimiser(HyperOptimiser):
@@ -69,8 +66,9 @@ class GradientHyperOptimiser(HyperOptimiser):
 
     optimises = True
 
-    def __init__(self, cfg: Config, learner: Learner):
-        super().__init__(cfg, learner)
+    def __init__(self, cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+                 rule_state: dict):
+        super().__init__(cfg, problem, hyperparameters, weights, rule_state)
         self.rule = RULES[cfg.tuning.optimiser]
         self.rule_hyperparameters = {"lr": cfg.tuning.lr, "weight_decay": 0.0, "momentum": 0.0,
                                      "beta1": 0.9, "beta2": 0.999}
@@ -82,12 +80,13 @@ class GradientHyperOptimiser(HyperOptimiser):
     def load_state_dict(self, state: dict) -> None:
         self.rule_state = state["rule_state"]
 
-    def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
-        """d(validation loss)/d(raw hyperparameters), one tensor per leaf."""
+    def hypergradient(self, last: Step, batch: Batch) -> list[torch.Tensor]:
+        """d(validation loss)/d(raw hyperparameters), one tensor per leaf, summed over ranks."""
         raise NotImplementedError
 
-    def hyper_step(self, learner: Learner, stepper: Stepper) -> None:
-        grads = self.hypergradient(learner, stepper)
-        self.last_hypergradients = self.hyperparameters.summed_by_tag(grads, "Hypergradient")
+    def hyper_step(self, last: Step, batch: Batch) -> dict[str, float]:
+        grads = self.hypergradient(last, batch)
+        tags = self.hyperparameters.summed_by_tag(grads, "Hypergradient")
         self.rule.update_(self.hyperparameters.leaves(), grads, self.rule_state, self.rule_hyperparameters)
         self.hyperparameters.clip_()
+        return tags

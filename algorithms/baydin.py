@@ -18,18 +18,17 @@ times smaller at lr ~ 1e-3, so it is a different algorithm in practice.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms.base import GradientHyperOptimiser, Stepper
+from algorithms.base import GradientHyperOptimiser
+from algorithms.steps import Step, Weights, loss_gradient, weight_step
+from schema import ConfigError
 
 if TYPE_CHECKING:
     from datasets import Batch
     from schema import Config
-    from train import Learner
 
 
 class BaydinHyperOptimiser(GradientHyperOptimiser):
@@ -37,30 +36,17 @@ class BaydinHyperOptimiser(GradientHyperOptimiser):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        from schema import ConfigError
         if tuple(cfg.tuning.hyperparameters) != ("lr",) or cfg.tuning.high_dimensional:
             raise ConfigError(f"{cfg.algorithm} tunes one scalar learning rate: tuning.hyperparameters must be [lr] "
                               f"and tuning.high_dimensional empty")
 
-    def __init__(self, cfg: Config, learner: Learner):
-        super().__init__(cfg, learner)
-        self._step_gradient: list[torch.Tensor] | None = None
+    def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:
+        # Plain values: nothing is differentiated through this step, only its gradient kept.
+        return weight_step(self.problem, weights, rule_state, self.hyperparameters.natural_values(), batch,
+                           create_graph=False)
 
-    @contextlib.contextmanager
-    def tracking(self, learner: Learner) -> Iterator[Stepper]:
-        def recorded_step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            outputs, loss, self._step_gradient = learner.loss_gradient(batch)
-            learner.fast_update(self._step_gradient)
-            return outputs, loss
-
-        try:
-            yield Stepper(learner.model, recorded_step)
-        finally:
-            self._step_gradient = None
-
-    def hypergradient(self, learner: Learner, stepper: Stepper) -> list[torch.Tensor]:
-        learner.model.eval()
-        _, _, new_gradient = learner.loss_gradient(next(learner.hyper_batches))
-        product = sum(torch.sum(new * old) for new, old in zip(new_gradient, self._step_gradient, strict=True))
+    def hypergradient(self, last: Step, batch: Batch) -> list[torch.Tensor]:
+        new_gradient = loss_gradient(self.problem, last.weights, batch)
+        product = sum(torch.sum(new * old) for new, old in zip(new_gradient, last.gradient, strict=True))
         (leaf,) = self.hyperparameters.leaves()
         return [(-product).reshape(leaf.shape).to(leaf.dtype)]

@@ -12,6 +12,7 @@ gives each algorithm's median seconds and its ratio to Random's median, against 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -94,10 +95,10 @@ def step_costs(make_setup, log_root: str, rollback_distance: int) -> tuple[float
     learner.fast_hyperparameters = learner.hyperparameters.natural_values()
 
     def last_step_and_hypergradient() -> None:
-        with learner.algorithm.tracking(learner) as stepper:
-            learner.weight_step(stepper)
-            learner.algorithm.hypergradient(learner, stepper)
-    fast = median_seconds(lambda: learner.weight_step(learner.fast_stepper))
+        weights = [p.detach().clone().requires_grad_() for p in learner.params]
+        last, _ = learner.weight_step(functools.partial(learner.algorithm.track, weights, learner.rule_state))
+        learner.algorithm.hypergradient(last, next(learner.hyper_batches))
+    fast = median_seconds(lambda: learner.weight_step(learner.fast_step))
     return fast, median_seconds(last_step_and_hypergradient), setup.cfg.network_weight_steps
 
 

@@ -113,15 +113,15 @@ original_step = train.Learner.weight_step
 checks = {"weights": 0, "hypergradients": 0}
 
 
-def weight_step(self, stepper):
-    result = original_step(self, stepper)
-    checks["weights"] += same_on_every_rank([p for p in stepper.model.parameters()], "weights")
+def weight_step(self, take_step):
+    result = original_step(self, take_step)
+    checks["weights"] += same_on_every_rank(self.params, "weights")
     return result
 
 
 def checked(hypergradient):
-    def wrapper(self, learner, stepper):
-        grads = hypergradient(self, learner, stepper)
+    def wrapper(self, *args):
+        grads = hypergradient(self, *args)
         checks["hypergradients"] += same_on_every_rank(grads, "hypergradients")
         return grads
     return wrapper

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 from dataclasses import replace
@@ -19,6 +20,7 @@ from torch.func import functional_call
 
 import config
 import train
+from algorithms.steps import Step
 from tests.conftest import REPO
 
 
@@ -42,11 +44,20 @@ def design(learner: train.Learner, split: str) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([data.inputs, torch.ones(len(data), 1, dtype=torch.float64)], dim=1), data.targets
 
 
+def tracked_steps(learner: train.Learner, steps: int) -> Step:
+    """`steps` steps through the algorithm, as the loop takes a window's last ones (unlogged)."""
+    weights, state = [p.detach().clone().requires_grad_() for p in learner.params], learner.rule_state
+    for _ in range(steps):
+        last, _ = learner.weight_step(functools.partial(learner.algorithm.track, weights, state))
+        weights, state = last.weights, last.rule_state
+        with torch.no_grad():
+            torch._foreach_copy_(learner.params, weights)
+    return last
+
+
 def tracked_hypergradient(learner: train.Learner) -> list[torch.Tensor]:
     """One tracked step on the (full) training batch, then the algorithm's hypergradient."""
-    with learner.algorithm.tracking(learner) as stepper:
-        learner.weight_step(stepper)
-        return learner.algorithm.hypergradient(learner, stepper)
+    return learner.algorithm.hypergradient(tracked_steps(learner, 1), next(learner.hyper_batches))
 
 
 def linear_learner(algorithm: str, *overrides: str) -> train.Learner:
@@ -108,7 +119,7 @@ def test_neumann_equals_exact_implicit_hypergradient_through_u(algorithm, clippe
         return 2 * inputs.T @ (inputs @ theta[:, None] - targets)[:, 0] / len(inputs)
 
     max_norm = 0.5 * float(gradient_at(theta).detach().norm()) if clipped else None    # active at theta
-    learner.cfg = replace(learner.cfg, optimiser=replace(learner.cfg.optimiser, gradient_clip=max_norm))
+    learner.algorithm.problem = replace(learner.algorithm.problem, gradient_clip=max_norm)
 
     got = flat(tracked_hypergradient(learner))
 
@@ -137,7 +148,7 @@ def test_per_element_lr_hypergradient_sums_to_the_scalar_one():
     for learner in (scalar, per_element):
         learner.fast_hyperparameters = learner.hyperparameters.natural_values()
         for _ in range(3):
-            learner.weight_step(learner.fast_stepper)
+            learner.weight_step(learner.fast_step)
     scalar_grads = tracked_hypergradient(scalar)
     element_grads = tracked_hypergradient(per_element)
     n = len(per_element.params)
@@ -155,7 +166,7 @@ def warmed_up(learner: train.Learner, steps: int = 3) -> tuple[list[torch.Tensor
     """A few fast steps (so momentum buffers exist), then a snapshot of weights and state."""
     learner.fast_hyperparameters = learner.hyperparameters.natural_values()
     for _ in range(steps):
-        learner.weight_step(learner.fast_stepper)
+        learner.weight_step(learner.fast_step)
     return [p.detach().clone() for p in learner.params], copy.deepcopy(learner.rule_state)
 
 
@@ -165,7 +176,7 @@ def validation_loss_after_fast_steps(learner, weights, state, steps) -> float:
     learner.rule_state = copy.deepcopy(state)
     learner.fast_hyperparameters = learner.hyperparameters.natural_values()
     for _ in range(steps):
-        learner.weight_step(learner.fast_stepper)
+        learner.weight_step(learner.fast_step)
     validation = learner.splits.validation
     return float(learner.evaluate(learner.whole(validation))["Loss"])
 
@@ -174,10 +185,8 @@ def unrolled_hypergradient(*overrides: str) -> tuple[train.Learner, list[torch.T
     """Diff-through-Opt's hypergradient through 5 steps, with the weights and state they started from."""
     learner = learner_for("DiffThroughOpt", *UNROLLED, *overrides)
     weights, state = warmed_up(learner)
-    with learner.algorithm.tracking(learner) as stepper:
-        for _ in range(5):
-            learner.weight_step(stepper)
-        return learner, weights, state, learner.algorithm.hypergradient(learner, stepper)
+    last = tracked_steps(learner, 5)
+    return learner, weights, state, learner.algorithm.hypergradient(last, next(learner.hyper_batches))
 
 
 ADAM = ("optimiser.name=adam", "optimiser.lr=1e-2", "optimiser.beta1=0.8",
@@ -198,6 +207,42 @@ def test_unrolled_hypergradient_equals_central_finite_differences(overrides):
             with torch.no_grad():
                 leaf -= sign * eps
         differences.append((losses[0] - losses[1]) / (2 * eps))
+    for g, d in zip(got, differences, strict=True):
+        assert abs(float(g) - d) / abs(d) < 1e-5, (float(g), d)
+
+
+def test_long_unrolled_hypergradient_with_adam_through_the_loop_equals_finite_differences():
+    """Long Diff-through-Opt restarts every window from the initial weights and Adam state and
+    unrolls the whole window: its third hypergradient, taken by the loop, is the derivative of the
+    validation loss after T steps from the initial point at that window's hyperparameters."""
+    learner = learner_for("LongDiffThroughOpt_UCI_Standalone", *UNROLLED[:2], "network_weight_steps=5",
+                          "hyperparameter_steps=3", "optimiser.weight_decay=1e-2", *ADAM)
+    weights, state = [p.detach().clone() for p in learner.params], copy.deepcopy(learner.rule_state)
+    compute, recorded = learner.algorithm.hypergradient, []
+
+    def recording(*args: object) -> list[torch.Tensor]:
+        grads = compute(*args)
+        recorded.append(([leaf.detach().clone() for leaf in learner.hyperparameters.leaves()], grads))
+        return grads
+
+    learner.algorithm.hypergradient = recording
+    assert learner.run()["status"] == "completed" and len(recorded) == 3
+    raw, got = recorded[-1]
+    leaves = learner.hyperparameters.leaves()
+    with torch.no_grad():
+        torch._foreach_copy_(leaves, raw)
+
+    eps, differences = 1e-5, []
+    for leaf in leaves:
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                leaf += sign * eps
+            losses.append(validation_loss_after_fast_steps(learner, weights, state, 5))
+            with torch.no_grad():
+                leaf -= sign * eps
+        differences.append((losses[0] - losses[1]) / (2 * eps))
+    assert len(differences) == 4
     for g, d in zip(got, differences, strict=True):
         assert abs(float(g) - d) / abs(d) < 1e-5, (float(g), d)
 
@@ -311,7 +356,7 @@ def test_graph_is_cut_after_every_hyperparameter_step(algorithm):
     learner = learner_for(algorithm, "model.layer_sizes=[10, 16, 1]", "hyperparameter_steps=3",
                           "network_weight_steps=5", "tuning.unroll_steps=3")
     counts = []
-    learner.algorithm.start_window = lambda _, window: counts.append(tensors_on_a_graph()) if window == 2 else None
+    learner.algorithm.start_window = lambda window: counts.append(tensors_on_a_graph()) if window == 2 else None
     assert learner.run()["status"] == "completed"
     assert counts == [0]
 

@@ -88,6 +88,14 @@ def test_the_schema_is_the_bottom_layer():
     assert import_graph(type_checking=True)["schema"] == set()
 
 
+def test_no_algorithm_imports_the_training_loop():
+    """Algorithms see a run through algorithms.steps.Problem, never the Learner (type hints included)."""
+    graph = import_graph(type_checking=True)
+    for name, imports in graph.items():
+        if name.startswith("algorithms"):
+            assert "train" not in imports, name
+
+
 @pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     names = sorted(project_modules())
