@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 import algorithms
 import config
 import datasets
 import distributed
+import measure
 import meta_learning
 import models
 import util
@@ -41,8 +41,6 @@ from algorithms.hyperparameters import tag as hyperparameter_tag
 from algorithms.steps import Problem, Step, Weights
 from algorithms.weight_update import RULES, clip_gradient_norm, detached
 from config import Config, ConfigError
-
-EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
 
 
 @dataclass
@@ -136,7 +134,6 @@ class Learner:
         self.model, self.loss_fn, self.splits = setup.model, setup.loss_fn, setup.splits
         self.log = log
         self.context = context
-        self._whole_shards: dict[int, datasets.Batch] = {}
         distributed.synchronise_batch_norm(self.model, context)
         # One generator per stream: the training order must not depend on how often the others are read.
         self.train_batches = self._stream(self.splits.train, 1)
@@ -146,6 +143,8 @@ class Learner:
         self.test_batches = None
         if cfg.dataset.test_batch_size is not None:
             self.test_batches = self._stream(self.splits.test, 4, cfg.dataset.test_batch_size)
+        self.meter = measure.Meter(self.model, self.loss_fn, self.splits, context, cfg.batch_size,
+                                   self.validation_batches, self.test_batches)
         hyper_split = self.splits.train if cfg.tuning.validation_data == "training" else self.splits.validation
         self.hyper_batches = self._stream(hyper_split, 3) if hyper_split is not None else None
         self.names = [name for name, _ in self.model.named_parameters()]
@@ -207,29 +206,10 @@ class Learner:
 
     # -- weight steps -----------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(model: nn.Module, batch: datasets.Batch, weights: dict[str, torch.Tensor] | None = None
-                ) -> torch.Tensor:
-        """`model`'s outputs on a batch (with `weights` in place of its parameters, if given). A
-        recurrent model starts from the state the batch's stream carries and leaves its new
-        state there, detached: truncated backpropagation through time."""
-        inputs = (batch.inputs,) if batch.carry is None else (batch.inputs, batch.hidden)
-        outputs = model(*inputs) if weights is None else functional_call(model, weights, inputs)
-        if batch.carry is not None:
-            outputs, hidden = outputs
-            batch.carry.hidden = tuple(h.detach() for h in hidden)
-        return outputs
-
-    def local_loss(self, outputs: torch.Tensor, batch: datasets.Batch) -> torch.Tensor:
-        """This rank's part of the global batch's mean loss: the sum over ranks is the global loss."""
-        if len(batch.targets) == 0:
-            return outputs.sum() * 0.0
-        return self.loss_fn(outputs, batch.targets) * batch.fraction
-
     def _loss_at(self, weights: Weights, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(outputs, this rank's loss) with `weights` in place of the model's parameters."""
-        outputs = self.forward(self.model, batch, dict(zip(self.names, weights, strict=True)))
-        return outputs, self.local_loss(outputs, batch)
+        outputs = measure.forward(self.model, batch, dict(zip(self.names, weights, strict=True)))
+        return outputs, measure.local_loss(self.loss_fn, outputs, batch)
 
     def _validation_loss_at(self, weights: Weights, batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.eval()
@@ -238,8 +218,8 @@ class Learner:
     def fast_step(self, batch: datasets.Batch) -> Step:
         """An untracked step, in place: the gradient summed over ranks (clipped when configured),
         then the rule's foreach update."""
-        outputs = self.forward(self.model, batch)
-        loss = self.local_loss(outputs, batch)
+        outputs = measure.forward(self.model, batch)
+        loss = measure.local_loss(self.loss_fn, outputs, batch)
         gradient = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
         clipped = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)
         self.rule.update_(self.params, clipped, self.rule_state, self.fast_hyperparameters)
@@ -248,79 +228,11 @@ class Learner:
     def weight_step(self, take_step: Callable[[datasets.Batch], Step]) -> tuple[Step, datasets.Batch]:
         """`take_step` on the next training batch, in training mode."""
         batch = next(self.train_batches)
-        if not self.model.training:    # evaluate() leaves eval mode behind; switch back only then
+        if not self.model.training:    # measuring leaves eval mode behind; switch back only then
             self.model.train()
         step = take_step(batch)
         self.steps_done += 1
         return step, batch
-
-    # -- measuring ------------------------------------------------------------------------------
-
-    def batch_metrics(self, outputs: torch.Tensor, batch: datasets.Batch,
-                      loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This rank's contributions (summed over ranks in `to_scalars`) to a batch's metrics."""
-        metrics = {"Loss": loss.detach()}
-        if self.splits.task == "classification":
-            correct = (outputs.detach().argmax(dim=1) == batch.targets).to(loss.dtype)
-            metrics["Accuracy"] = correct.mean() * batch.fraction if len(correct) else correct.sum()
-        return metrics
-
-    @torch.no_grad()
-    def evaluate(self, batch: datasets.Batch, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """This rank's contributions to the metrics of `model` (default: the Learner's) over a
-        batch, in eval mode, in chunks of EVALUATION_BATCH rows."""
-        model = model or self.model
-        model.eval()
-        totals: dict[str, torch.Tensor] = {}
-        # Token streams go in chunks of the BPTT length, carrying the recurrent state through.
-        chunk_rows = EVALUATION_BATCH if batch.carry is None else self.cfg.batch_size
-        for start in range(0, max(len(batch.inputs), 1), chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            rows = len(batch.inputs[chunk])
-            part = datasets.Batch(batch.inputs[chunk], batch.targets[chunk],
-                                  batch.fraction * rows / len(batch.inputs) if rows else 0.0,
-                                  None if batch.carry is None else batch.carry.hidden, batch.carry)
-            outputs = self.forward(model, part)
-            for name, value in self.batch_metrics(outputs, part, self.local_loss(outputs, part)).items():
-                totals[name] = totals[name] + value if name in totals else value
-        return totals
-
-    def whole(self, split: datasets.Split) -> datasets.Batch:
-        """This rank's shard of a whole split (computed once per split; token streams start from
-        an empty recurrent state each time)."""
-        if id(split) not in self._whole_shards:
-            self._whole_shards[id(split)] = datasets.shard_batch(split, self.context)
-        batch = self._whole_shards[id(split)]
-        return batch if batch.carry is None else batch._replace(carry=datasets.Carry())
-
-    def measure_held_out(self, model: nn.Module | None = None,
-                         whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-        """Validation and test metrics: of their next batch, or of the whole split when `whole` or
-        configured so."""
-        measured = {}
-        validation = self.splits.validation
-        if validation is not None:
-            use_batch = self.validation_batches is not None and not whole
-            batch = next(self.validation_batches) if use_batch else self.whole(validation)
-            measured["Validation"] = self.evaluate(batch, model=model)
-        test = next(self.test_batches) if self.test_batches is not None and not whole else self.whole(self.splits.test)
-        measured["Test"] = self.evaluate(test, model=model)
-        return measured
-
-    def to_scalars(self, measured: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Flatten {split: {metric: tensor}} into TensorBoard tags, with one host sync for all."""
-        tags = {f"{metric}/{split}": value for split, metrics in measured.items()
-                for metric, value in metrics.items()}
-        if self.splits.target_std is not None:
-            scale = self.splits.target_std ** 2   # MSE in target units = normalised MSE * std^2
-            tags.update({f"Unnormalised_Loss/{split}": metrics["Loss"] * scale
-                         for split, metrics in measured.items()})
-        names = list(tags)
-        (values,) = distributed.all_reduce_([torch.stack([tags[name] for name in names])], self.context)
-        scalars = dict(zip(names, values.tolist(), strict=True))
-        if self.splits.task == "language_model":   # of the global mean loss, so after the reduction
-            scalars |= {f"Perplexity/{split}": math.exp(min(scalars[f"Loss/{split}"], 700.0)) for split in measured}
-        return scalars
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -397,10 +309,11 @@ class Learner:
         index = h * self.cfg.network_weight_steps + s
         due, closes_previous = index % self.cfg.log_every == 0, s == 0 and h > 0
         # Held-out sets are measured at this step's weights, before its update.
-        held_out = self.measure_held_out() if due or closes_previous else None
+        held_out = self.meter.held_out() if due or closes_previous else None
         step, batch = self.weight_step(take_step)
         if held_out is not None and index != self.logged_at:
-            scalars = self.to_scalars({"Training": self.batch_metrics(step.outputs, batch, step.loss)} | held_out)
+            training = self.meter.batch_metrics(step.outputs, batch, step.loss)
+            scalars = self.meter.to_scalars({"Training": training} | held_out)
             if due:
                 self._log(index, scalars | self._window_hyperparameters)
             if closes_previous:
@@ -412,8 +325,8 @@ class Learner:
         window's Last_* tags), return the metrics."""
         if self.status == "running":
             self.status = "completed"
-        final = self.evaluate(self.whole(self.splits.train))
-        scalars = self.to_scalars({"Training": final} | self.measure_held_out(whole=True))
+        final = self.meter.evaluate(self.meter.whole(self.splits.train))
+        scalars = self.meter.to_scalars({"Training": final} | self.meter.held_out(whole=True))
         self._log(self.steps_done, scalars | self.hyperparameters.log_values())
         self._log_last((self.steps_done - 1) // self.cfg.network_weight_steps, scalars | self._window_hyperparameters)
         self.logged_at = self.steps_done
@@ -432,11 +345,7 @@ class Learner:
         values = {"algorithm": cfg.algorithm, "dataset": cfg.dataset.name, "seed": cfg.seed,
                   "network_weight_steps": cfg.network_weight_steps, "batch_size": cfg.batch_size or 0}
         values |= {f"initial_{name}": float(getattr(cfg.optimiser, name)) for name in self.hyperparameters.names}
-        splits = ["Training", "Test"] + (["Validation"] if self.splits.validation is not None else [])
-        headline = {"classification": "Accuracy", "language_model": "Perplexity"}.get(self.splits.task)
-        metrics = [f"Loss/{split}" for split in splits] + ([f"{headline}/Test"] if headline else [])
-        metrics += ["Unnormalised_Loss/Test"] if self.splits.target_std is not None else []
-        return values, metrics + [hyperparameter_tag(name) for name in self.hyperparameters.names]
+        return values, self.meter.final_tags() + [hyperparameter_tag(name) for name in self.hyperparameters.names]
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         if self.log is not None:

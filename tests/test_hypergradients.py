@@ -178,7 +178,7 @@ def validation_loss_after_fast_steps(learner, weights, state, steps) -> float:
     for _ in range(steps):
         learner.weight_step(learner.fast_step)
     validation = learner.splits.validation
-    return float(learner.evaluate(learner.whole(validation))["Loss"])
+    return float(learner.meter.evaluate(learner.meter.whole(validation))["Loss"])
 
 
 def unrolled_hypergradient(*overrides: str) -> tuple[train.Learner, list[torch.Tensor], dict, list[torch.Tensor]]:

@@ -1,0 +1,125 @@
+"""Measuring a run: a model's outputs and loss on a batch, metrics of batches and whole splits,
+summed over ranks into TensorBoard tags.
+
+Every rank holds a shard of each batch; what it measures is its share (weighted by the shard's
+fraction of the global batch), so that one all-reduce (sum) of all the shares gives the global
+metrics, uneven shards included.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import datasets
+import distributed
+
+EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
+
+
+def forward(model: nn.Module, batch: datasets.Batch, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """`model`'s outputs on a batch (with `weights` in place of its parameters, if given). A
+    recurrent model starts from the state the batch's stream carries and leaves its new state
+    there, detached: truncated backpropagation through time."""
+    inputs = (batch.inputs,) if batch.carry is None else (batch.inputs, batch.hidden)
+    outputs = model(*inputs) if weights is None else functional_call(model, weights, inputs)
+    if batch.carry is not None:
+        outputs, hidden = outputs
+        batch.carry.hidden = tuple(h.detach() for h in hidden)
+    return outputs
+
+
+def local_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], outputs: torch.Tensor,
+               batch: datasets.Batch) -> torch.Tensor:
+    """This rank's part of the global batch's mean loss: the sum over ranks is the global loss."""
+    if len(batch.targets) == 0:
+        return outputs.sum() * 0.0
+    return loss_fn(outputs, batch.targets) * batch.fraction
+
+
+class Meter:
+    """The metrics of a model on the run's splits: of single batches (the validation and test
+    streams, when configured) or of whole splits."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 splits: datasets.Splits, context: distributed.Context, sequence_rows: int | None,
+                 validation_batches: Iterator[datasets.Batch] | None = None,
+                 test_batches: Iterator[datasets.Batch] | None = None):
+        self.model, self.loss_fn, self.splits, self.context = model, loss_fn, splits, context
+        self.sequence_rows = sequence_rows      # token streams are evaluated in chunks of the BPTT length
+        self.validation_batches, self.test_batches = validation_batches, test_batches
+        self._whole_shards: dict[int, datasets.Batch] = {}
+
+    def batch_metrics(self, outputs: torch.Tensor, batch: datasets.Batch,
+                      loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This rank's contributions (summed over ranks in `to_scalars`) to a batch's metrics."""
+        metrics = {"Loss": loss.detach()}
+        if self.splits.task == "classification":
+            correct = (outputs.detach().argmax(dim=1) == batch.targets).to(loss.dtype)
+            metrics["Accuracy"] = correct.mean() * batch.fraction if len(correct) else correct.sum()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: datasets.Batch) -> dict[str, torch.Tensor]:
+        """This rank's contributions to the model's metrics over a batch, in eval mode, in chunks
+        of EVALUATION_BATCH rows (token streams: of the BPTT length, carrying the state through)."""
+        self.model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        chunk_rows = EVALUATION_BATCH if batch.carry is None else self.sequence_rows
+        for start in range(0, max(len(batch.inputs), 1), chunk_rows):
+            chunk = slice(start, start + chunk_rows)
+            rows = len(batch.inputs[chunk])
+            part = datasets.Batch(batch.inputs[chunk], batch.targets[chunk],
+                                  batch.fraction * rows / len(batch.inputs) if rows else 0.0,
+                                  None if batch.carry is None else batch.carry.hidden, batch.carry)
+            outputs = forward(self.model, part)
+            for name, value in self.batch_metrics(outputs, part, local_loss(self.loss_fn, outputs, part)).items():
+                totals[name] = totals[name] + value if name in totals else value
+        return totals
+
+    def whole(self, split: datasets.Split) -> datasets.Batch:
+        """This rank's shard of a whole split (computed once per split; token streams start from
+        an empty recurrent state each time)."""
+        if id(split) not in self._whole_shards:
+            self._whole_shards[id(split)] = datasets.shard_batch(split, self.context)
+        batch = self._whole_shards[id(split)]
+        return batch if batch.carry is None else batch._replace(carry=datasets.Carry())
+
+    def held_out(self, whole: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Validation and test metrics: of their next batch, or of the whole split when `whole` or
+        configured so."""
+        measured = {}
+        validation = self.splits.validation
+        if validation is not None:
+            use_batch = self.validation_batches is not None and not whole
+            batch = next(self.validation_batches) if use_batch else self.whole(validation)
+            measured["Validation"] = self.evaluate(batch)
+        use_batch = self.test_batches is not None and not whole
+        measured["Test"] = self.evaluate(next(self.test_batches) if use_batch else self.whole(self.splits.test))
+        return measured
+
+    def to_scalars(self, measured: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Flatten {split: {metric: tensor}} into TensorBoard tags, summed over ranks with one
+        all-reduce and one host sync for all."""
+        tags = {f"{metric}/{split}": value for split, metrics in measured.items()
+                for metric, value in metrics.items()}
+        if self.splits.target_std is not None:
+            scale = self.splits.target_std ** 2   # MSE in target units = normalised MSE * std^2
+            tags.update({f"Unnormalised_Loss/{split}": metrics["Loss"] * scale
+                         for split, metrics in measured.items()})
+        names = list(tags)
+        (values,) = distributed.all_reduce_([torch.stack([tags[name] for name in names])], self.context)
+        scalars = dict(zip(names, values.tolist(), strict=True))
+        if self.splits.task == "language_model":   # of the global mean loss, so after the reduction
+            scalars |= {f"Perplexity/{split}": math.exp(min(scalars[f"Loss/{split}"], 700.0)) for split in measured}
+        return scalars
+
+    def final_tags(self) -> list[str]:
+        """The tags of a run's headline results (TensorBoard's HParams tab)."""
+        splits = ["Training", "Test"] + (["Validation"] if self.splits.validation is not None else [])
+        headline = {"classification": "Accuracy", "language_model": "Perplexity"}.get(self.splits.task)
+        tags = [f"Loss/{split}" for split in splits] + ([f"{headline}/Test"] if headline else [])
+        return tags + (["Unnormalised_Loss/Test"] if self.splits.target_std is not None else [])
