@@ -16,12 +16,13 @@ validation loss, in the same training loop as `python train.py`:
     print(result.hyperparameters)                      # {'lr': ..., 'weight_decay': ..., 'momentum': ...}
     print(result.metrics["final"]["Loss/Validation"])  # result.model is `model`, trained
 
-The configuration is STARTING_VALUES (lr 1e-3, weight decay 1e-6, momentum 0.5), then the algorithm's YAML in configs/ (`algorithm="Ours_LR_Momentum"` reads
-configs/Ours_LR_Momentum.yaml; a path to a .yaml file works too) with `**settings` on top, validated
-as the command line's are: a top-level key (`hyperparameter_steps`, `network_weight_steps`,
-`batch_size`, `seed`, `device`, `dtype`, `threads`, `log_every`), a key of the `optimiser` section by
-its own name (`lr`, `weight_decay`, `momentum`, `name`, `gradient_clip`, ...: initial values, natural
-units), or any key by its dotted name (`**{"tuning.lr": 0.1}`). `python train.py --help` lists them.
+The configuration is STARTING_VALUES (lr 1e-3, weight decay 1e-6, momentum 0.5), then the
+algorithm's YAML in configs/ (`algorithm="Ours_LR_Momentum"` reads configs/Ours_LR_Momentum.yaml; a
+path to a .yaml file works too), then `**settings`, validated as the command line's are. A setting
+is a top-level key (`hyperparameter_steps`, `network_weight_steps`, `batch_size`, `seed`, `device`,
+`dtype`, `threads`, `log_every`), a key of the `optimiser` section by its own name (`lr`,
+`weight_decay`, `momentum`, `name`, `gradient_clip`, ...: initial values, natural units), or any key
+by its dotted name (`**{"tuning.lr": 0.1}`). `python train.py --help` lists them.
 The data is yours and used as given (no normalisation): `dataset.full_validation` and
 `dataset.test_batch_size` apply; the rest of `dataset`, `model` and `loss` are what you pass.
 
@@ -123,8 +124,10 @@ def make_config(algorithm: str, settings: dict[str, Any], validation_rows: int, 
     `validation_rows` validation rows, validated as the command line's is (one-line ConfigErrors)."""
     sources: dict = {}
     values = config.deep_merge({}, STARTING_VALUES, "onepass.STARTING_VALUES", sources)
-    path = _algorithm_file(algorithm)
-    values = config.deep_merge(values, config.read_yaml_file(path, sources), path, sources)
+    path, file_sources = _algorithm_file(algorithm), {}
+    algorithm_values = config.read_yaml_file(path, file_sources)
+    values = config.deep_merge(values, algorithm_values, path, sources)
+    sources.update(file_sources)     # a key set by an extended file names that file
     for name, value in settings.items():
         key = _dotted_key(name)
         if key in FROM_ARGUMENTS or key.split(".")[0] in FROM_ARGUMENTS:
@@ -132,8 +135,8 @@ def make_config(algorithm: str, settings: dict[str, Any], validation_rows: int, 
             raise ConfigError(f"onepass.tune({name}=...): {key} is given by the argument {what}, not a setting")
         values = config.deep_merge(values, _nest(key, value), f"onepass.tune({name}=...)", sources)
     # The algorithm's config trains on train+validation when it sets no validation split (Random).
-    merge_validation = ("dataset", "validation_proportion") in sources and \
-        values.get("dataset", {}).get("validation_proportion") == 0
+    dataset = algorithm_values.get("dataset")
+    merge_validation = isinstance(dataset, dict) and dataset.get("validation_proportion") == 0
     proportion = 0.0 if merge_validation else validation_rows / (train_rows + validation_rows)
     values = config.deep_merge(values, _nest("dataset.validation_proportion", proportion), "validation", sources)
     tuning = values.get("tuning", {}) if isinstance(values.get("tuning"), dict) else {}
