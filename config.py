@@ -311,8 +311,21 @@ def _check_value(value: Any, annotation: Any, meta: dict, path: tuple, sources: 
     choices = meta.get("choices")
     for item in value if isinstance(value, tuple) else (value,):
         if choices is not None and item not in valid_names(choices):
-            raise ConfigError(f"{where}: unknown name {short_repr(item)}; valid: {', '.join(valid_names(choices))}")
+            _check_unregistered(item, choices, where)
     return value
+
+
+def _check_unregistered(item: Any, choices: str | tuple[str, ...], where: str) -> None:
+    """A name outside the registry: a model may be a user's `module.path:factory`, which must import;
+    anything else is unknown."""
+    if choices == "models" and isinstance(item, str) and models.is_factory_name(item):
+        try:
+            models.factory(item)
+        except ConfigError as error:
+            raise ConfigError(f"{where} = {short_repr(item)}: {error}") from None
+        return
+    also = ", or module.path:factory (a model of your own)" if choices == "models" else ""
+    raise ConfigError(f"{where}: unknown name {short_repr(item)}; valid: {', '.join(valid_names(choices))}{also}")
 
 
 def _check_range(item: Any, meta: dict, where: str, value: Any) -> None:

@@ -1,7 +1,9 @@
 """Models and losses, by name."""
 from __future__ import annotations
 
+import importlib
 import itertools
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -148,9 +150,60 @@ MODELS: dict[str, Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = {
 INPUT_RANKS = {"mlp": 1, "resnet18": 3, "lstm": 0}
 
 
+# A user's own model: `model.name: package.module:factory` names a callable that is imported and
+# called as factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module,
+# the signature of the MODELS entries above: cfg is the whole `model` section, input_shape the shape of
+# one input row ((features,) for a table, (C, H, W) for images), num_outputs the number of regression
+# targets or classes. The module must be importable (installed, or on PYTHONPATH).
+FACTORY_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_factory_name(name: str) -> bool:
+    """Whether `name` has the form `module.path:attribute` of a user's model factory."""
+    return FACTORY_NAME.fullmatch(name) is not None
+
+
+def factory(name: str) -> Callable[..., nn.Module]:
+    """The callable a `module.path:attribute` name refers to; a ConfigError naming what was not found."""
+    if not is_factory_name(name):
+        raise ConfigError(f"{name!r} is not of the form module.path:factory")
+    module_name, _, attribute = name.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name) \
+                and module_name[len(error.name):len(error.name) + 1] in ("", "."):
+            raise ConfigError(f"no module named {error.name!r} (is it installed, or on PYTHONPATH?)") from None
+        raise ConfigError(f"importing {module_name!r} failed: {type(error).__name__}: {error}") from None
+    except Exception as error:      # the user's module raised while being imported
+        message = " ".join(str(error).split())
+        raise ConfigError(f"importing {module_name!r} failed: {type(error).__name__}: {message}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{name!r} is a {type(target).__name__}, not a callable that returns an nn.Module")
+    return target
+
+
+def _build_own(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    try:
+        make = factory(cfg.name)
+    except ConfigError as error:
+        raise ConfigError(f"model.name = {cfg.name!r}: {error}") from None
+    model = make(cfg, tuple(input_shape), num_outputs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name = {cfg.name!r}: the factory returned a {type(model).__name__}, "
+                          f"not a torch.nn.Module")
+    return model
+
+
 def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """Build the model named in `cfg`, checking that it fits the data."""
-    if len(input_shape) != INPUT_RANKS[cfg.name]:
+    """Build the model named in `cfg` (a registered name, or a `module:factory`), checking that a
+    registered model fits the data."""
+    own = cfg.name not in MODELS
+    if not own and len(input_shape) != INPUT_RANKS[cfg.name]:
         kind = {0: "token ids", 1: "feature vectors", 3: "images"}
         raise ConfigError(f"model.name = {cfg.name!r} takes {kind[INPUT_RANKS[cfg.name]]}, but the dataset's "
                           f"inputs are {kind.get(len(input_shape), f'{len(input_shape)}-d arrays')}")
@@ -167,7 +220,7 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> n
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        return MODELS[cfg.name](cfg, input_shape, num_outputs)
+        return _build_own(cfg, input_shape, num_outputs) if own else MODELS[cfg.name](cfg, input_shape, num_outputs)
     finally:
         torch.set_default_dtype(default_dtype)
 

@@ -88,7 +88,9 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = option("mlp", "registered model", choices="models")
+    name: str = option("mlp", "registered model, or a model of your own as module.path:factory (called with "
+                              "this section, the input shape and the number of outputs; see models.py)",
+                       choices="models")
     layer_sizes: tuple[int, ...] = option((10, 50, 1), "widths from inputs to outputs", low=1, high=MAX_WIDTH)
     activation: str = option("relu", "hidden-layer nonlinearity", choices="activations")
     batch_norm: bool = option(False, "BatchNorm before each hidden activation")

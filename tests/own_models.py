@@ -1,0 +1,19 @@
+"""Model factories of a user's own, for `model.name: tests.own_models:<factory>` (tests only)."""
+from __future__ import annotations
+
+from torch import nn
+
+from schema import ModelConfig
+
+NOT_CALLABLE = 3
+calls: list[tuple] = []     # the arguments of every call, in this process
+
+
+def small_mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """inputs -> 16 tanh units -> num_outputs, sized from what the factory is given."""
+    calls.append((cfg, input_shape, num_outputs))
+    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.Tanh(), nn.Linear(16, num_outputs))
+
+
+def not_a_module(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> str:
+    return "a string"
