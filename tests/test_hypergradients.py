@@ -193,22 +193,27 @@ ADAM = ("optimiser.name=adam", "optimiser.lr=1e-2", "optimiser.beta1=0.8",
         "tuning.hyperparameters=[lr, weight_decay, beta1, beta2]")
 
 
-@pytest.mark.parametrize("overrides", [(), ("optimiser.gradient_clip=0.01",), ADAM], ids=["", "clipped", "adam"])
-def test_unrolled_hypergradient_equals_central_finite_differences(overrides):
-    learner, weights, state, got = unrolled_hypergradient(*overrides)
-
-    eps, differences = 1e-5, []
-    for leaf in learner.hyperparameters.leaves():
+def assert_finite_differences(learner: train.Learner, weights: list[torch.Tensor], state: dict,
+                              got: list[torch.Tensor], steps: int = 5, eps: float = 1e-5) -> None:
+    """`got` against central differences, in each raw hyperparameter, of the validation loss after
+    `steps` fast steps from `weights` and `state` (relative error below 1e-5)."""
+    for leaf, g in zip(learner.hyperparameters.leaves(), got, strict=True):
         losses = []
         for sign in (1, -1):
             with torch.no_grad():
                 leaf += sign * eps
-            losses.append(validation_loss_after_fast_steps(learner, weights, state, 5))
+            losses.append(validation_loss_after_fast_steps(learner, weights, state, steps))
             with torch.no_grad():
                 leaf -= sign * eps
-        differences.append((losses[0] - losses[1]) / (2 * eps))
-    for g, d in zip(got, differences, strict=True):
-        assert abs(float(g) - d) / abs(d) < 1e-5, (float(g), d)
+        difference = (losses[0] - losses[1]) / (2 * eps)
+        assert abs(float(g) - difference) / abs(difference) < 1e-5, (float(g), difference)
+
+
+@pytest.mark.parametrize("overrides", [(), ("optimiser.gradient_clip=0.01",), ADAM], ids=["", "clipped", "adam"])
+def test_unrolled_hypergradient_equals_central_finite_differences(overrides):
+    learner, weights, state, got = unrolled_hypergradient(*overrides)
+
+    assert_finite_differences(learner, weights, state, got)
 
 
 def test_long_unrolled_hypergradient_with_adam_through_the_loop_equals_finite_differences():
@@ -228,23 +233,10 @@ def test_long_unrolled_hypergradient_with_adam_through_the_loop_equals_finite_di
     learner.algorithm.hypergradient = recording
     assert learner.run()["status"] == "completed" and len(recorded) == 3
     raw, got = recorded[-1]
-    leaves = learner.hyperparameters.leaves()
     with torch.no_grad():
-        torch._foreach_copy_(leaves, raw)
-
-    eps, differences = 1e-5, []
-    for leaf in leaves:
-        losses = []
-        for sign in (1, -1):
-            with torch.no_grad():
-                leaf += sign * eps
-            losses.append(validation_loss_after_fast_steps(learner, weights, state, 5))
-            with torch.no_grad():
-                leaf -= sign * eps
-        differences.append((losses[0] - losses[1]) / (2 * eps))
-    assert len(differences) == 4
-    for g, d in zip(got, differences, strict=True):
-        assert abs(float(g) - d) / abs(d) < 1e-5, (float(g), d)
+        torch._foreach_copy_(learner.hyperparameters.leaves(), raw)
+    assert len(got) == 4
+    assert_finite_differences(learner, weights, state, got)
 
 
 def test_unrolled_hypergradient_equals_a_plain_autograd_unroll():
