@@ -19,8 +19,9 @@ configs/Ours_LR_Momentum.yaml: 8-50-1 ReLU MLP, full batch, T = 10, i = 5, 400 w
 3. Whole runs (`Learner.run()`, 4000 steps, TensorBoard file written), interleaved: Random, Ours
    as it is, and Ours with the compiled window end in place of its tracked step and hypergradient;
    the projected whole-run ratio of every variant is Ours' run less 400 times the end-of-window
-   time it saves. Timers around the Learner's methods show where the rest of a window goes (the
-   held-out measurement, scalars and log events, the hyper-optimiser step, hyperparameter values).
+   time it saves. Timers around the methods of the Learner, its Meter and its hyperparameters show
+   where the rest of a window goes (the held-out measurement, scalars and log events, the
+   hyper-optimiser step, hyperparameter values).
 4. Compile time of the compiled window end: its first call in a fresh process, with an empty
    inductor cache and then with that cache warm.
 
@@ -40,15 +41,15 @@ callback). Timings on a shared machine swing: compare ratios from one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import functools
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,11 +61,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
 import config  # noqa: E402
+import measure  # noqa: E402
 import train  # noqa: E402
 import util  # noqa: E402
-from algorithms.base import Stepper  # noqa: E402
 from algorithms.hyperparameters import to_natural  # noqa: E402
 from algorithms.implicit import ImplicitHyperOptimiser  # noqa: E402
+from algorithms.steps import Step, Weights  # noqa: E402
 from algorithms.weight_update import clip_gradient_norm, detached  # noqa: E402
 from datasets import Batch  # noqa: E402
 
@@ -415,9 +417,11 @@ def make_learner(algorithm: str, dtype: str, log_root: str | None = None, log: u
     return train.Learner(train.prepare(cfg), log)
 
 
-def tracked_step(learner: train.Learner, batch: Batch | None = None) -> TrackedStep:
+def tracked_step(learner: train.Learner, batch: Batch | None = None, weights: Tensors | None = None,
+                 state: dict | None = None) -> TrackedStep:
     """A weight step of the Learner on `batch` (default: its next training batch, counted as a
-    step), as a TrackedStep; its functions are built once per Learner."""
+    step) from `weights` and `state` (default: the model's parameters and the Learner's rule
+    state), as a TrackedStep; its functions are built once per Learner."""
     hyperparameters = learner.hyperparameters
     assert not hyperparameters.high_dimensional, "per-element hyperparameters are not handled here"
     if batch is None:
@@ -430,13 +434,15 @@ def tracked_step(learner: train.Learner, batch: Batch | None = None) -> TrackedS
         learner.pure_functions = pure_functions(learner)
     loss, update, natural = learner.pure_functions
     return TrackedStep(loss, batch.inputs, batch.targets, update, natural, hyperparameters.leaves(),
-                       learner.params, learner.rule_state, elementwise=learner.cfg.optimiser.gradient_clip is None)
+                       learner.params if weights is None else weights,
+                       learner.rule_state if state is None else state,
+                       elementwise=learner.cfg.optimiser.gradient_clip is None)
 
 
 def pure_functions(learner: train.Learner) -> tuple[Callable, Callable, Callable]:
     """The training loss, the update rule and the hyperparameters' transforms of a Learner as pure
     functions (full batches only: the loss is scaled by the whole batch's fraction, 1)."""
-    hyperparameters, model, names = learner.hyperparameters, learner.model, learner.algorithm.names
+    hyperparameters, model, names = learner.hyperparameters, learner.model, learner.names
     loss_fn, clip, rule = learner.loss_fn, learner.cfg.optimiser.gradient_clip, learner.rule
 
     def loss(weights: Tensors, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -462,17 +468,36 @@ def validation_gradient_of(learner: train.Learner) -> Callable[[Tensors], Tensor
             torch._foreach_copy_(learner.params, weights)
         batch = next(learner.hyper_batches)
         learner.model.eval()
-        loss = learner.local_loss(learner.forward(learner.model, batch), batch)
+        loss = measure.local_loss(learner.loss_fn, measure.forward(learner.model, batch), batch)
         return list(torch.autograd.grad(loss, learner.params))
     return validation_gradient
 
 
+def tracked_last_step(learner: train.Learner) -> Step:
+    """The current implementation's tracked last step of a window, as the loop takes it
+    (`Learner._tracked_steps` with one tracked step, without its measuring and logging): through
+    `algorithm.track` from detached copies of the weights, which the model's parameters then follow."""
+    weights = [p.detach().clone().requires_grad_() for p in learner.params]
+    last, _ = learner.weight_step(functools.partial(learner.algorithm.track, weights, learner.rule_state))
+    with torch.no_grad():
+        torch._foreach_copy_(learner.params, last.weights)
+    return last
+
+
 def end_current(learner: train.Learner) -> Tensors:
-    """The current implementation: the tracked last step of a window and its hypergradient."""
-    algorithm = learner.algorithm
-    with algorithm.tracking(learner) as stepper:
-        learner.weight_step(stepper)
-        return algorithm.hypergradient(learner, stepper)
+    """The current implementation: the tracked last step of a window and its hypergradient (on
+    the next validation batch, as the loop draws it); the new rule state kept, detached."""
+    last = tracked_last_step(learner)
+    hypergradient = learner.algorithm.hypergradient(last, next(learner.hyper_batches))
+    learner.rule_state = detached(last.rule_state)
+    return hypergradient
+
+
+def finish_window(learner: train.Learner) -> None:
+    """The tracked last step and the hyperparameter step, as the loop ends a window."""
+    last = tracked_last_step(learner)
+    learner.algorithm.hyper_step(last, next(learner.hyper_batches))
+    learner.rule_state = detached(last.rule_state)
 
 
 def end_variant(learner: train.Learner, variant: Callable, terms: int) -> Tensors:
@@ -495,10 +520,8 @@ def advance_window(learner: train.Learner) -> None:
     """One whole window of the current implementation (9 fast steps, tracked step, hyper step)."""
     learner.fast_hyperparameters = learner.hyperparameters.natural_values()
     for _ in range(learner.cfg.network_weight_steps - 1):
-        learner.weight_step(learner.fast_stepper)
-    with learner.algorithm.tracking(learner) as stepper:
-        learner.weight_step(stepper)
-        learner.algorithm.hyper_step(learner, stepper)
+        learner.weight_step(learner.fast_step)
+    finish_window(learner)
 
 
 def check(variants: dict[str, Callable], terms: int, points: tuple[int, ...] = (0, 1, 5, 40)) -> dict[str, float]:
@@ -511,7 +534,7 @@ def check(variants: dict[str, Callable], terms: int, points: tuple[int, ...] = (
     for window in range(max(points) + 1):
         if window in points:
             for _ in range(learner.cfg.network_weight_steps - 1):   # the window's fast steps
-                learner.weight_step(learner.fast_stepper)
+                learner.weight_step(learner.fast_step)
             snapshot = copy.deepcopy(learner.state_dict())
             expected = [t.detach().clone() for t in end_current(learner)]
             expected += [p.detach().clone() for p in learner.params] + list(learner.rule_state["momentum_buffer"])
@@ -523,9 +546,7 @@ def check(variants: dict[str, Callable], terms: int, points: tuple[int, ...] = (
                     torch.testing.assert_close(g, e, rtol=1e-12, atol=0.0, msg=lambda m, n=name: f"{n}: {m}")
                     worst[name] = max(worst[name], float(((g.detach() - e).abs() / e.abs().clamp_min(1e-300)).max()))
             learner.load_state_dict(snapshot)
-            with learner.algorithm.tracking(learner) as stepper:     # finish the window as the run does
-                learner.weight_step(stepper)
-                learner.algorithm.hyper_step(learner, stepper)
+            finish_window(learner)                  # finish the window as the run does
         else:
             advance_window(learner)
     return worst
@@ -574,45 +595,63 @@ def end_actions(variants: dict[str, Callable], terms: int) -> tuple[dict[str, Ca
     ours.algorithm.rollback_distance = terms
     for learner in (random, ours):
         for _ in range(9):
-            learner.weight_step(learner.fast_stepper)
-    actions = {"fast step, Random": lambda: random.weight_step(random.fast_stepper),
-               "fast step, Ours": lambda: ours.weight_step(ours.fast_stepper),
+            learner.weight_step(learner.fast_step)
+    actions = {"fast step, Random": lambda: random.weight_step(random.fast_step),
+               "fast step, Ours": lambda: ours.weight_step(ours.fast_step),
                "current": lambda: end_current(ours)}
     for name, variant in variants.items():
         learner = make_learner("Ours_LR_Momentum", "float32")
         for _ in range(9):
-            learner.weight_step(learner.fast_stepper)
+            learner.weight_step(learner.fast_step)
         actions[name] = lambda learner=learner, variant=variant: end_variant(learner, variant, terms)
     return actions, random, ours
 
 
+class Peekable:
+    """A batch stream whose next batch can be looked at before the loop draws it."""
+
+    def __init__(self, stream: Iterator[Batch]):
+        self.stream, self._next = stream, None
+
+    def __iter__(self) -> Peekable:
+        return self
+
+    def peek(self) -> Batch:
+        if self._next is None:
+            self._next = next(self.stream)
+        return self._next
+
+    def __next__(self) -> Batch:
+        batch = self.peek()
+        self._next = None
+        return batch
+
+
 class CompiledWindowHyperOptimiser(ImplicitHyperOptimiser):
     """Ours with the end of every window taken by `neumann_hypergradient_compiled_window`, for
-    timing whole runs (regression: the tracked step returns no outputs, which only
-    classification metrics read)."""
+    timing whole runs: its `track` computes the step, the validation gradient (on the validation
+    batch that the loop draws next for `hyper_step`, peeked) and the hypergradient, which
+    `hypergradient` then returns (regression: the tracked step returns no outputs, which only
+    classification metrics read). `learner_for_run` plugs it in."""
 
     cpp_wrapper = False
+    learner: train.Learner          # for the pure functions of its model, and its validation stream
+    _hypergradient: tuple[Batch, Tensors] | None = None
 
-    @contextlib.contextmanager
-    def tracking(self, learner: train.Learner):
-        def step(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-            problem = tracked_step(learner, batch)
-            validation = next(learner.hyper_batches)
-            result = neumann_hypergradient_compiled_window(problem, (validation.inputs, validation.targets),
-                                                           self.rollback_distance, self.cpp_wrapper)
-            with torch.no_grad():
-                torch._foreach_copy_(learner.params, result.weights)
-            learner.rule_state = result.state
-            self._hypergradient = result.hypergradient
-            return torch.empty(0), result.loss
+    def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:
+        learner = self.learner
+        problem = tracked_step(learner, batch, weights, rule_state)
+        validation = learner.hyper_batches.peek()
+        result = neumann_hypergradient_compiled_window(problem, (validation.inputs, validation.targets),
+                                                       self.rollback_distance, self.cpp_wrapper)
+        self._hypergradient = (validation, result.hypergradient)
+        return Step(weights, result.weights, result.state, torch.empty(0), result.loss, [])
 
-        try:
-            yield Stepper(learner.model, step)
-        finally:
-            self._hypergradient = None
-
-    def hypergradient(self, learner: train.Learner, stepper: Stepper) -> Tensors:
-        return self._hypergradient
+    def hypergradient(self, last: Step, batch: Batch) -> Tensors:
+        validation, hypergradient = self._hypergradient
+        assert batch is validation, "the validation batch of the tracked step"
+        self._hypergradient = None
+        return hypergradient
 
 
 def learner_for_run(algorithm: str, dtype: str, log_root: str, log: util.RunLog | None) -> train.Learner:
@@ -622,14 +661,19 @@ def learner_for_run(algorithm: str, dtype: str, log_root: str, log: util.RunLog 
     learner = make_learner(name, dtype, log_root, log)
     if variant:
         assert variant in ("compiled_window", "compiled_window_cpp"), variant
-        learner.algorithm = CompiledWindowHyperOptimiser(learner.cfg, learner)
-        learner.algorithm.cpp_wrapper = variant == "compiled_window_cpp"
+        plugged = CompiledWindowHyperOptimiser(learner.cfg, learner.problem, learner.hyperparameters, learner.params,
+                                               learner.rule_state)
+        plugged.cpp_wrapper = variant == "compiled_window_cpp"
+        plugged.learner = learner
+        learner.hyper_batches = Peekable(learner.hyper_batches)
+        learner.algorithm = plugged
     return learner
 
 
 # -- whole runs, the rest of a window, compile time -----------------------------------------------------
 
-LEARNER_PARTS = ("measure_held_out", "to_scalars", "batch_metrics", "_log", "_log_last", "_log_histograms")
+LEARNER_PARTS = ("_log", "_log_last", "_log_histograms")
+METER_PARTS = ("held_out", "to_scalars", "batch_metrics")
 HYPERPARAMETER_PARTS = ("log_values", "natural_values", "end_window")
 
 
@@ -654,6 +698,8 @@ def time_run(algorithm: str, log_root: str) -> tuple[float, dict[str, float]]:
         learner = learner_for_run(algorithm, "float32", log_root, log)
         for name in LEARNER_PARTS:
             timer(learner, name, name)
+        for name in METER_PARTS:
+            timer(learner.meter, name, name)
         for name in HYPERPARAMETER_PARTS:
             timer(learner.hyperparameters, name, name)
         if learner.algorithm.optimises:
@@ -690,7 +736,7 @@ sys.path.insert(0, {bench!r})
 import bench_neumann as b
 learner = b.make_learner("Ours_LR_Momentum", "float32")
 for _ in range(9):
-    learner.weight_step(learner.fast_stepper)
+    learner.weight_step(learner.fast_step)
 start = time.perf_counter()
 b.end_variant(learner, b.VARIANTS[{variant!r}], 5)
 first = time.perf_counter() - start
