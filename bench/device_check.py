@@ -159,8 +159,9 @@ def part_speed(device: str, windows: int, log_root: str, lines: list[str], deadl
             rng = np.random.default_rng(0)
             np.savez(data / "fashion_mnist.npz", inputs=rng.integers(0, 256, (70000, 784), dtype=np.uint8),
                      targets=rng.integers(0, 10, (70000, 1), dtype=np.uint8), test_size=10000)
-        lines.append(f"\n| workload | algorithm | steps/s | peak GPU memory (MiB) |  ({windows * 10} steps after a "
-                     f"10-step warm-up; Fashion-MNIST {'real' if workloads else 'synthetic'} data)\n|---|---|---|---|")
+        lines.append(f"{windows * 10} timed steps after a 10-step warm-up; Fashion-MNIST "
+                     f"{'real' if workloads else 'synthetic'} data\n")
+        lines.append("| workload | algorithm | steps/s | peak GPU memory (MiB) |\n|---|---|---|---|")
         for workload in bench_workloads.WORKLOADS:
             for algorithm in bench_workloads.ALGORITHMS:
                 if time.monotonic() > deadline:
@@ -191,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                                                     "else bench/device_check_results.md)")
     parser.add_argument("--parts", nargs="*", choices=PARTS, default=PARTS, help="parts to run (default: all)")
     parser.add_argument("--windows", type=int, default=None,
-                        help="timed windows of 10 steps per speed run (default 30 on a GPU, 1 on the CPU)")
+                        help="timed windows of 10 steps per speed run (default 20 on a GPU, 1 on the CPU)")
     parser.add_argument("--budget", type=float, default=360, help="seconds for all parts (default 360)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "device_check.md" if os.environ.get("OUT")
                                            else REPO / "bench" / "device_check_results.md")
     start = time.monotonic()
-    windows = args.windows or (30 if args.device.startswith("cuda") else 1)
+    windows = args.windows or (20 if args.device.startswith("cuda") else 1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("device_check.py: error: CUDA is not available to this Python (torch "
               f"{torch.__version__}); install the CUDA build of torch, or use --device cpu", file=sys.stderr)
