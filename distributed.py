@@ -39,6 +39,7 @@ import util
 class Context:
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")     # this rank's device: its model, data and collectives
 
     @property
     def is_rank0(self) -> bool:
@@ -55,9 +56,35 @@ SINGLE = Context()
 traffic = {"all_reduces": 0, "bytes": 0}
 
 
-def from_environment() -> Context:
-    """The context torchrun (or our own launcher) describes in RANK / WORLD_SIZE."""
-    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+def from_environment(device: str = "cpu") -> Context:
+    """The context torchrun (or our own launcher) describes in RANK / WORLD_SIZE, on this rank's
+    device for the configured `device` (LOCAL_RANK picks the GPU)."""
+    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   rank_device(device, int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def backend(device: torch.device) -> str:
+    """The process-group backend for ranks on `device`: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(configured: str, local_rank: int) -> torch.device:
+    """The device of the rank with index `local_rank` on its machine, for the configured device:
+    `cuda` (and `auto` where CUDA is available) gives GPU number `local_rank`, one GPU per rank;
+    `cuda:N` names one GPU (for a single process); `cpu` is shared by every rank."""
+    if configured == "auto":
+        configured = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(configured)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current GPU (where an unindexed "cuda" tensor goes, and the
+    device NCCL's collectives and barriers use); nothing for the CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 @contextlib.contextmanager
@@ -90,7 +117,8 @@ def collective_timeout() -> float:
 
 
 def is_timeout(error: BaseException) -> bool:
-    """Whether `error` is a collective that gave up waiting for another rank (gloo's message)."""
+    """Whether `error` is a collective that gave up waiting for another rank (gloo's message; NCCL's
+    watchdog usually ends the process itself)."""
     return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
 
 
@@ -105,17 +133,21 @@ def die_with_parent(parent: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def join_local_group(rank: int, world_size: int, port: int, launcher: int | None = None) -> Context:
+def join_local_group(rank: int, world_size: int, port: int, launcher: int | None = None,
+                     device: str = "cpu") -> Context:
     """Make this process rank `rank` of `world_size` on this machine, meeting at the launcher's
-    `local_rendezvous` store; the processes share the cores, and end with the `launcher` (pid)."""
+    `local_rendezvous` store, on its device for the configured `device` (GPU number `rank` for
+    cuda); the processes share the cores, and end with the `launcher` (pid)."""
     if launcher is not None:
         die_with_parent(launcher)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+    context = Context(rank, world_size, rank_device(device, rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     util.share_cores(world_size)
+    use_device(context.device)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    _init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=collective_timeout()))
-    return Context(rank, world_size)
+    _init_process_group(backend(context.device), store=store, rank=rank, world_size=world_size,
+                        timeout=datetime.timedelta(seconds=collective_timeout()))
+    return context
 
 
 _joined_a_group = False      # see exit_process
@@ -128,12 +160,13 @@ def _init_process_group(backend: str, **options: object) -> None:
 
 
 def init(context: Context) -> None:
-    """Join the process group (gloo on CPU) when there is more than one rank (under torchrun: the
-    ranks on this machine, LOCAL_WORLD_SIZE, share its cores)."""
+    """Join the process group (NCCL on GPUs, gloo on CPU) when there is more than one rank (under
+    torchrun: the ranks on this machine, LOCAL_WORLD_SIZE, share its cores)."""
     if context.active and not dist.is_initialized():
         util.share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size)))
-        _init_process_group("gloo", rank=context.rank, world_size=context.world_size,
-                                timeout=datetime.timedelta(seconds=collective_timeout()))
+        use_device(context.device)
+        _init_process_group(backend(context.device), rank=context.rank, world_size=context.world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout()))
 
 
 def exit_process(code: int) -> NoReturn:
@@ -164,7 +197,7 @@ def broadcast_from_rank0(value: object, context: Context) -> object:
     if not context.active:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=context.device)   # NCCL sends objects from a GPU
     return box[0]
 
 

@@ -82,36 +82,43 @@ class LearnedDataset(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(LearnedDataset.logits(module), module.Y)
 
 
-def classifier_draw(dimensions: int, generator: torch.Generator, dtype: torch.dtype) -> Callable[[], dict]:
-    """A fresh random linear classifier (w, b) per call, from `generator` (seeded per rank)."""
+def classifier_draw(dimensions: int, generator: torch.Generator, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> Callable[[], dict]:
+    """A fresh random linear classifier (w, b) per call, from `generator` (seeded per rank; a CPU
+    generator, so the draws do not depend on the device), on `device`."""
     def draw() -> dict[str, torch.Tensor]:
-        return {"w": torch.randn(dimensions, generator=generator, dtype=dtype),
-                "b": torch.randn(1, generator=generator, dtype=dtype)}
+        return {"w": torch.randn(dimensions, generator=generator, dtype=dtype).to(device),
+                "b": torch.randn(1, generator=generator, dtype=dtype).to(device)}
     return draw
 
 
 def learned_dataset_meta_module(points: int, dimensions: int, inner_steps: int, inner_lr: float,
                                 dataset_generator: torch.Generator, task_generator: torch.Generator,
-                                dtype: torch.dtype = torch.float32) -> MetaModule:
+                                dtype: torch.dtype = torch.float32,
+                                device: torch.device | str = "cpu") -> MetaModule:
     """The toy as a MetaModule: forward returns the logits of a freshly drawn classifier after
     `inner_steps` SGD steps on the learned dataset."""
-    return MetaModule(LearnedDataset(points, dimensions, dataset_generator, dtype), inner_loss=LearnedDataset.loss,
+    return MetaModule(LearnedDataset(points, dimensions, dataset_generator, dtype).to(device),
+                      inner_loss=LearnedDataset.loss,
                       inner_optimiser=lambda params: torch.optim.SGD(params, lr=inner_lr),
                       inner_steps=inner_steps, output=LearnedDataset.logits,
-                      inner_parameters=classifier_draw(dimensions, task_generator, dtype))
+                      inner_parameters=classifier_draw(dimensions, task_generator, dtype, device))
 
 
-def train_learned_dataset(cfg: Config, context: distributed.Context, log: util.RunLog | None) -> dict:
+def train_learned_dataset(cfg: Config, context: distributed.Context, log: util.RunLog | None,
+                          device: torch.device | None = None) -> dict:
     """The toy task: learn the dataset so that fresh classifiers learn it in `inner_steps` steps.
 
     Every rank draws its own classifier each outer step (a generator seeded per rank), so N
     processes see N tasks per outer step; DistributedDataParallel averages the dataset's gradient.
+    Runs on `device` (default: the context's, a rank's own GPU under NCCL).
     """
+    device = device or context.device
     meta, dtype = cfg.meta, getattr(torch, cfg.dtype)
     dataset_generator = torch.Generator().manual_seed(cfg.seed)
     task_generator = torch.Generator().manual_seed(cfg.seed + 1 + context.rank)
     meta_module = learned_dataset_meta_module(meta.points, meta.dimensions, meta.inner_steps, meta.inner_lr,
-                                              dataset_generator, task_generator, dtype)
+                                              dataset_generator, task_generator, dtype, device)
     model = DistributedDataParallel(meta_module) if context.active else meta_module
     optimiser = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[meta.outer_optimiser](
         [meta_module.module.X], lr=meta.outer_lr)
@@ -141,7 +148,7 @@ def evaluate_learned_dataset(meta_module: MetaModule, tasks: int, seed: int) -> 
     evaluation = copy.deepcopy(meta_module).eval()
     evaluation.inner_parameters = classifier_draw(evaluation.module.X.shape[1],
                                                   torch.Generator().manual_seed(seed + 10**6),
-                                                  evaluation.module.X.dtype)
+                                                  evaluation.module.X.dtype, evaluation.module.X.device)
     labels = evaluation.module.Y
     accuracy = loss = 0.0
     with torch.no_grad():

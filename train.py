@@ -54,11 +54,19 @@ class Setup:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The configured device, with its index: `cuda` (and `auto` where CUDA is available) is the
+    process's current GPU, which a rank of several sets to its own (distributed.rank_device)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device = {name!r}, but CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {name!r}, but only {torch.cuda.device_count()} GPU(s) are visible here "
+                          f"(numbered from 0; CUDA_VISIBLE_DEVICES chooses them)")
+    return device
 
 
 def prepare(cfg: Config) -> Setup:
@@ -636,25 +644,36 @@ def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: st
     torch.set_num_threads(cfg.threads)
     run_dir, log = open_run(cfg, context, run_dir)
     try:
-        metrics = meta_learning.train_learned_dataset(cfg, context, log)
+        device = context.device if context.active else resolve_device(cfg.device)
+        metrics = meta_learning.train_learned_dataset(cfg, context, log, device)
     finally:
         if log is not None:
             log.close()
     return run_dir, close_run(run_dir, log, metrics, cfg, context)
 
 
-def check_launch(cfg: Config, world_size: int) -> None:
-    """Launch settings that cannot work, as ConfigErrors before any process starts."""
+def check_launch(cfg: Config, world_size: int, local_world_size: int | None = None) -> None:
+    """Launch settings that cannot work, as ConfigErrors before any process starts. On CUDA every
+    rank has a GPU of its own: the `local_world_size` ranks on this machine (default: all) need as
+    many visible GPUs."""
+    local_world_size = local_world_size or world_size
     if world_size > 1:
         distributed.collective_timeout()
-    if world_size > 1 and resolve_device(cfg.device).type == "cuda":
-        raise ConfigError("--nproc > 1 runs on CPU processes (gloo) for now; add --device cpu")
+    device = resolve_device(cfg.device)
+    if world_size > 1 and device.type == "cuda":
+        if ":" in cfg.device:
+            raise ConfigError(f"device = {cfg.device!r} names one GPU; with several processes use --device cuda "
+                              f"(rank r of a machine runs on its GPU r)")
+        gpus = torch.cuda.device_count()
+        if local_world_size > gpus:
+            raise ConfigError(f"{local_world_size} processes on this machine need a GPU each, but {gpus} "
+                              f"{'is' if gpus == 1 else 'are'} visible; use --nproc {gpus} or fewer, or --device cpu")
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
                load_state: str | None, checkpoint_every: int | None, launcher: int) -> None:
     """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies."""
-    context = distributed.join_local_group(rank, world_size, port, launcher)
+    context = distributed.join_local_group(rank, world_size, port, launcher, cfg.device)
     try:
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
         if context.is_rank0:
@@ -751,8 +770,9 @@ class Interruption:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = config.parse_command_line(argv)
-        context = distributed.from_environment()        # set by torchrun; one process otherwise
-        check_launch(cfg, max(args.nproc, context.world_size))
+        context = distributed.from_environment(cfg.device)     # set by torchrun; one process otherwise
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+        check_launch(cfg, max(args.nproc, context.world_size), max(args.nproc, local_ranks))
         if args.checkpoint_every and not args.save_state:
             raise ConfigError("--checkpoint_every: name the checkpoint file with -S FILE")
         if args.nproc > 1 and context.active:

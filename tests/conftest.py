@@ -1,6 +1,7 @@
 """Shared fixtures: the repository, the raw data beside it, processed UCI data, a CLI runner."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import download_and_process_data
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The device of the ground-truth tests' learners (test_hypergradients, test_loop_ground_truth):
+# cpu, or cuda where bench/device_check.sh runs them on a GPU.
+TEST_DEVICE = os.environ.get("ONEPASS_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -21,12 +21,12 @@ from torch.func import functional_call
 import config
 import train
 from algorithms.steps import Step
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_DEVICE
 
 
 def learner_for(algorithm: str, *overrides: str, dataset: str = "diabetes.yaml") -> train.Learner:
     cfg = config.load_from([str(REPO / "configs" / dataset), str(REPO / "configs" / f"{algorithm}.yaml")],
-                           overrides=["dtype=float64", "seed=0", *overrides])
+                           overrides=["dtype=float64", "seed=0", f"device={TEST_DEVICE}", *overrides])
     return train.Learner(train.prepare(cfg))
 
 

@@ -35,12 +35,12 @@ from torch import nn
 
 import config
 import train
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_DEVICE
 
 WINDOWS, STEPS, TERMS, UNROLLED = 3, 10, 5, 5    # H, T, i, R
 HYPER_LR = 1.0                                   # plain SGD on the raw hyperparameters
 NAMES = ("lr", "weight_decay", "momentum")
-COMMON = ("device=cpu", "model.layer_sizes=[10, 8, 1]", "model.activation=tanh", "optimiser.lr=0.05",
+COMMON = (f"device={TEST_DEVICE}", "model.layer_sizes=[10, 8, 1]", "model.activation=tanh", "optimiser.lr=0.05",
           "optimiser.weight_decay=0.01", "optimiser.momentum=0.7", "tuning.optimiser=sgd", f"tuning.lr={HYPER_LR}",
           f"hyperparameter_steps={WINDOWS}", f"network_weight_steps={STEPS}")
 Raw = dict[str, torch.Tensor]         # raw hyperparameters by name: log10 lr, log10 weight decay, logit momentum
