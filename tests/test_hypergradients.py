@@ -41,7 +41,8 @@ def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def design(learner: train.Learner, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[inputs, 1] and targets, so that a linear model's output is design @ [weight, bias]."""
     data = getattr(learner.splits, split)
-    return torch.cat([data.inputs, torch.ones(len(data), 1, dtype=torch.float64)], dim=1), data.targets
+    ones = torch.ones(len(data), 1, dtype=torch.float64, device=data.inputs.device)
+    return torch.cat([data.inputs, ones], dim=1), data.targets
 
 
 def tracked_steps(learner: train.Learner, steps: int) -> Step:
@@ -65,7 +66,8 @@ def linear_learner(algorithm: str, *overrides: str) -> train.Learner:
                           "tuning.rollback_distance=4000", *overrides)
     inputs, _ = design(learner, "train")
     # lr = 1 / (largest eigenvalue of du/dw / lr): the Neumann series then converges quickly.
-    hessian = 2 * inputs.T @ inputs / len(inputs) + 0.1 * torch.eye(inputs.shape[1], dtype=torch.float64)
+    identity = torch.eye(inputs.shape[1], dtype=torch.float64, device=inputs.device)
+    hessian = 2 * inputs.T @ inputs / len(inputs) + 0.1 * identity
     lr = float(1 / torch.linalg.eigvalsh(hessian).max())
     hyperparameters = learner.hyperparameters
     if "lr" in hyperparameters.raw:
@@ -82,7 +84,7 @@ def test_neumann_equals_closed_form_ridge_hypergradient_at_the_optimum():
     learner = linear_learner("Lorraine")
     inputs, targets = design(learner, "train")
     n, wd = len(inputs), 0.1
-    hessian = 2 * inputs.T @ inputs / n + wd * torch.eye(inputs.shape[1], dtype=torch.float64)
+    hessian = 2 * inputs.T @ inputs / n + wd * torch.eye(inputs.shape[1], dtype=torch.float64, device=inputs.device)
     optimum = torch.linalg.solve(hessian, 2 * inputs.T @ targets / n)[:, 0]    # ridge with wd on all params
     with torch.no_grad():
         learner.params[0].copy_(optimum[:-1][None]), learner.params[1].copy_(optimum[-1:])
@@ -107,8 +109,9 @@ def test_neumann_equals_exact_implicit_hypergradient_through_u(algorithm, clippe
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in learner.params:
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64))
-    buffer_before = [0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in learner.params]
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64))   # (copy_ moves it)
+    buffer_before = [0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
+                     for p in learner.params]
     learner.rule_state = {"momentum_buffer": [b.clone() for b in buffer_before]}
     theta = flat(learner.params).clone()
     raw = [leaf.detach().clone() for leaf in learner.hyperparameters.leaves()]

@@ -114,7 +114,8 @@ def initial_raw(learner: train.Learner, per_element_lr: bool = False) -> Raw:
     optimiser = learner.cfg.optimiser
     values = {"lr": math.log10(optimiser.lr), "weight_decay": math.log10(optimiser.weight_decay),
               "momentum": math.log(optimiser.momentum / (1 - optimiser.momentum))}
-    raw = {name: torch.tensor(value, dtype=torch.float64) for name, value in values.items()}
+    device = learner.params[0].device
+    raw = {name: torch.tensor(value, dtype=torch.float64, device=device) for name, value in values.items()}
     if per_element_lr:
         raw["lr"] = raw["lr"].expand(sum(p.numel() for p in learner.params)).clone()
     return raw
@@ -152,7 +153,7 @@ def implicit_reference(problem: Problem, theta: torch.Tensor, raw: Raw, windows:
     """Every window's implicit hypergradient (i Neumann terms through its last step, explicit
     matrices), the final weights and the final raw hyperparameters."""
     buffer, hypergradients = None, []
-    identity = torch.eye(len(theta), dtype=theta.dtype)
+    identity = torch.eye(len(theta), dtype=theta.dtype, device=theta.device)
     for _ in range(windows):
         theta, buffer = plain_steps(problem, theta, buffer, raw, STEPS - 1)
         before, previous = theta, buffer
