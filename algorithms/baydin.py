@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from algorithms.base import GradientHyperOptimiser
-from algorithms.steps import Step, Weights, loss_gradient, weight_step
+from algorithms.steps import Step, loss_gradient
 from schema import ConfigError
 
 if TYPE_CHECKING:
@@ -32,18 +32,15 @@ if TYPE_CHECKING:
 
 
 class BaydinHyperOptimiser(GradientHyperOptimiser):
-    tracked_steps = 1
+    # Nothing is differentiated through a step: the loop's fast steps return the gradient each
+    # used, and the last one's is the old gradient of the product.
+    tracked_steps = 0
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         if tuple(cfg.tuning.hyperparameters) != ("lr",) or cfg.tuning.high_dimensional:
             raise ConfigError(f"{cfg.algorithm} tunes one scalar learning rate: tuning.hyperparameters must be [lr] "
                               f"and tuning.high_dimensional empty")
-
-    def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:
-        # Plain values: nothing is differentiated through this step, only its gradient kept.
-        return weight_step(self.problem, weights, rule_state, self.hyperparameters.natural_values(), batch,
-                           create_graph=False)
 
     def hypergradient(self, last: Step, batch: Batch) -> list[torch.Tensor]:
         new_gradient = loss_gradient(self.problem, last.weights, batch)

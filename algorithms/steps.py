@@ -90,7 +90,9 @@ def gradient_or_zeros(output: torch.Tensor | Weights, inputs: Weights, grad_outp
 
 def loss_gradient(problem: Problem, weights: Weights, batch: Batch) -> Weights:
     """The global batch's validation-mode loss gradient at `weights`' values (no graph)."""
-    at = [w.detach().requires_grad_() for w in weights]
+    # Leaves (the model's own parameters, after a fast step) are used as they are: no copy.
+    leaves = all(w.is_leaf and w.requires_grad for w in weights)
+    at = weights if leaves else [w.detach().requires_grad_() for w in weights]
     _, loss = problem.validation_loss(at, batch)
     return problem.sum_(list(torch.autograd.grad(loss, at)))
 

@@ -45,6 +45,7 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         self.tracked_steps = cfg.tuning.unroll_steps or cfg.network_weight_steps
         self.reset_weights = cfg.tuning.reset_weights
         self._initial = ([w.detach().clone() for w in weights], copy.deepcopy(rule_state))
+        self._natural: dict | None = None      # the window's hyperparameters, on the graph
 
     def start_window(self, window: int) -> tuple[Weights, dict] | None:
         if not (self.reset_weights and window > 0):
@@ -60,8 +61,14 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         self._initial = state["initial"]
 
     def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:
-        return weight_step(self.problem, weights, rule_state, self.hyperparameters.natural(), batch,
-                           create_graph=True)
+        if self._natural is None:        # once per window: every unrolled step uses the same values
+            self._natural = self.hyperparameters.natural()
+        return weight_step(self.problem, weights, rule_state, self._natural, batch, create_graph=True)
+
+    def hyper_step(self, last: Step, batch: Batch) -> dict[str, float]:
+        tags = super().hyper_step(last, batch)
+        self._natural = None             # the values changed; and no graph outlives its window
+        return tags
 
     def hypergradient(self, last: Step, batch: Batch) -> list[torch.Tensor]:
         return unrolled_hypergradient(self.problem, last, self.hyperparameters.leaves(), batch)
