@@ -19,12 +19,14 @@ Differentiating through an all-reduced gradient, two ways:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn
@@ -88,14 +90,41 @@ def use_device(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def local_rendezvous() -> Iterator[int]:
+def local_rendezvous() -> Iterator[dist.TCPStore]:
     """A rendezvous store for processes on this machine, held by the launching process on a port
-    the system picks (no window in which another program can take the port); yields the port."""
+    the system picks (no window in which another program can take the port; `store.port`)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     try:
-        yield store.port
+        yield store
     finally:
         del store
+
+
+# A local job's launcher asks its ranks to stop through the rendezvous store (a signal sent to the
+# ranks themselves might reach only some of them); each rank looks at most every STOP_POLL seconds,
+# and the ranks agree on the window to stop after (see train.Learner.train_windows).
+STOP_KEY = "onepass/stop"
+STOP_POLL = 0.5
+_launcher_store: dist.TCPStore | None = None
+_last_poll = 0.0
+_stop_reason: str | None = None
+
+
+def request_stop(store: dist.TCPStore, reason: str) -> None:
+    """Launcher side: ask the local job's ranks to stop at the next window boundary."""
+    store.set(STOP_KEY, reason)
+
+
+def launcher_stop(now: bool = False) -> str | None:
+    """Rank side: the launcher's reason to stop (e.g. "SIGINT") once it has asked, else None.
+    Looks at the store at most every STOP_POLL seconds, unless `now`."""
+    global _last_poll, _stop_reason
+    due = now or time.monotonic() - _last_poll >= STOP_POLL
+    if _stop_reason is None and _launcher_store is not None and due:
+        _last_poll = time.monotonic()
+        if _launcher_store.check([STOP_KEY]):
+            _stop_reason = _launcher_store.get(STOP_KEY).decode()
+    return _stop_reason
 
 
 TIMEOUT_VARIABLE = "ONEPASS_COLLECTIVE_TIMEOUT"
@@ -144,7 +173,8 @@ def join_local_group(rank: int, world_size: int, port: int, launcher: int | None
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     util.share_cores(world_size)
     use_device(context.device)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    global _launcher_store
+    store = _launcher_store = dist.TCPStore("127.0.0.1", port, is_master=False)
     _init_process_group(backend(context.device), store=store, rank=rank, world_size=world_size,
                         timeout=datetime.timedelta(seconds=collective_timeout()))
     return context
@@ -176,6 +206,7 @@ def exit_process(code: int) -> NoReturn:
     active exception") after runs that had succeeded. Open files must be closed before."""
     if not _joined_a_group:
         sys.exit(code)
+    atexit._run_exitfuncs()      # Python's own exit work (multiprocessing's clean-up among it)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

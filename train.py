@@ -271,7 +271,11 @@ class Learner:
                 last = self._logged_step(h, s, self.fast_step)
             if tracked:
                 last = self._tracked_steps(h, T - tracked, T)
-            last_loss = distributed.all_reduce_([last.loss.detach().reshape(1)], self.context)[0].item()
+            # One all-reduce for the divergence check and the stop request: every rank stops after
+            # the same window when any was asked to.
+            stop = float(self.stop_requested is not None and bool(self.stop_requested()))
+            summed = torch.cat([last.loss.detach().reshape(1), last.loss.new_full((1,), stop)])
+            last_loss, stops = distributed.all_reduce_([summed], self.context)[0].tolist()
             if not math.isfinite(last_loss):
                 self.status = "diverged"
                 break
@@ -286,7 +290,7 @@ class Learner:
             if self.after_window is not None:
                 self.after_window(self)
             progress.update(T, last_loss, self._window_hyperparameters)
-            if self.stop_requested is not None and self.stop_requested():
+            if stops:
                 self.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
                 break
         progress.close()
@@ -674,12 +678,19 @@ def check_launch(cfg: Config, world_size: int, local_world_size: int | None = No
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
                load_state: str | None, checkpoint_every: int | None, launcher: int) -> None:
-    """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies."""
+    """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies.
+    Signals are the launcher's to handle: it asks the ranks to stop through the rendezvous store."""
+    for signum in Interruption.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     context = distributed.join_local_group(rank, world_size, port, launcher, cfg.device)
     try:
-        run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every)
+        run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every,
+                                 stop_requested=distributed.launcher_stop)
         if context.is_rank0:
             print(summary(run_dir, cfg, metrics), flush=True)
+            if metrics["status"] == "interrupted":
+                print(interrupted(distributed.launcher_stop(now=True) or "a signal", metrics, save_state),
+                      file=sys.stderr)
         distributed.shutdown(finished=True)
         distributed.exit_process(0)
     except Exception as error:
@@ -700,18 +711,31 @@ def rank_error(error: Exception) -> str:
 
 def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None,
            checkpoint_every: int | None = None) -> int:
-    """Run `world_size` local processes; the first to fail stops the others and is reported."""
-    with distributed.local_rendezvous() as port:
+    """Run `world_size` local processes; the first to fail stops the others and is reported. A
+    SIGINT or SIGTERM asks the ranks to stop after their current window (exit 130 or 143); a
+    second one abandons the run."""
+    interruption = Interruption()
+    catches = threading.current_thread() is threading.main_thread()
+    with distributed.local_rendezvous() as store, interruption if catches else contextlib.nullcontext():
         ranks = torch.multiprocessing.spawn(
-            _rank_main, args=(world_size, port, cfg, save_state, load_state, checkpoint_every, os.getpid()),
+            _rank_main, args=(world_size, store.port, cfg, save_state, load_state, checkpoint_every, os.getpid()),
             nprocs=world_size, join=False)
+        asked = False
         try:
-            while not ranks.join():
-                pass
+            while not ranks.join(timeout=0.2):
+                if interruption() and not asked:
+                    distributed.request_stop(store, interruption.received.name)
+                    asked = True
         except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
             print(f"train.py: error: {launch_failure(error, ranks.processes)}", file=sys.stderr)
             return 1
-    return 0
+        except KeyboardInterrupt:            # a second Ctrl-C
+            for process in ranks.processes:
+                process.kill()
+            print("train.py: abandoned by a second SIGINT: the ranks were killed mid-window (the last periodic "
+                  "checkpoint, if any, still resumes)", file=sys.stderr)
+            return 128 + signal.SIGINT
+    return interruption.exit_code() if interruption() else 0
 
 
 def launch_failure(error: Exception, processes: list) -> str:
@@ -763,10 +787,12 @@ class Interruption:
         """The shell's code for death by the signal received: 130 for SIGINT, 143 for SIGTERM."""
         return 128 + self.received
 
-    def message(self, metrics: dict, save_state: str | None) -> str:
-        resume = (f"resume with -s {save_state} -S {save_state}" if save_state
-                  else "no checkpoint written (-S FILE makes a run resumable)")
-        return f"train.py: interrupted by {self.received.name} after {metrics['weight_steps']} weight steps; {resume}"
+
+def interrupted(reason: str, metrics: dict, save_state: str | None) -> str:
+    """The line that says a run stopped early, where, and how to go on."""
+    resume = (f"resume with -s {save_state} -S {save_state}" if save_state
+              else "no checkpoint written (-S FILE makes a run resumable)")
+    return f"train.py: interrupted by {reason} after {metrics['weight_steps']} weight steps; {resume}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -803,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     if context.is_rank0:
         print(summary(run_dir, cfg, metrics), flush=True)
     if metrics["status"] == "interrupted":
-        print(interruption.message(metrics, args.save_state), file=sys.stderr)
+        print(interrupted(interruption.received.name, metrics, args.save_state), file=sys.stderr)
         return interruption.exit_code()
     return 0   # a diverged run is a result (status "diverged" in metrics.json), not a failure
 

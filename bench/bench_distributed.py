@@ -54,9 +54,9 @@ def measure(algorithm: str, world_size: int) -> tuple[float, dict, int]:
         results: dict = {}
         _rank(0, 1, 0, algorithm, results)
         return results[algorithm]
-    with torch.multiprocessing.Manager() as manager, distributed.local_rendezvous() as port:
+    with torch.multiprocessing.Manager() as manager, distributed.local_rendezvous() as store:
         results = manager.dict()
-        torch.multiprocessing.spawn(_rank, args=(world_size, port, algorithm, results), nprocs=world_size)
+        torch.multiprocessing.spawn(_rank, args=(world_size, store.port, algorithm, results), nprocs=world_size)
         return results[algorithm]
 
 

@@ -81,6 +81,58 @@ def test_a_signalled_run_stops_cleanly_and_resumes_bit_for_bit(signum, code, tmp
     assert [signal.getsignal(s) for s in handled] == before              # restored after the run
 
 
+ONE_RANK_LOOKS = '''
+import os
+import sys
+
+import distributed
+import train
+
+original = distributed.launcher_stop
+
+
+def launcher_stop(now=False):
+    if os.environ.get("RANK") == "0" and not now:     # rank 0 never sees the request itself
+        return None
+    return original(now)
+
+
+distributed.launcher_stop = launcher_stop   # module level: spawned ranks import this file too
+if __name__ == "__main__":
+    sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("signum,code,group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+                         ids=["ctrl-c to the terminal's process group", "SIGTERM to the launcher"])
+def test_a_signalled_nproc_job_stops_every_rank_after_the_same_window(signum, code, group, tmp_path):
+    """Ctrl-C reaches the launcher and every rank at once; `kill` the launcher alone. Either way the
+    ranks stop after one and the same window, even when only one of them has seen the launcher's
+    request (here rank 1); the run is recorded as interrupted, its checkpoint resumes, and the
+    launcher says so in one line, with no traceback."""
+    driver, state = tmp_path / "one_rank_looks.py", tmp_path / "state.pt"
+    driver.write_text(ONE_RANK_LOOKS)
+    argv = [sys.executable, str(driver), *command(tmp_path / "runs", "--hyperparameter_steps", "100000",
+                                                  "-S", str(state), "--checkpoint_every", "5", "--nproc", "2")]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env=os.environ | {"PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, process.communicate()[1]
+    os.killpg(process.pid, signum) if group else process.send_signal(signum)
+    _, err = process.communicate(timeout=90)
+    assert process.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Warning" not in err, err
+    windows = torch.load(state, weights_only=True)["windows_done"]
+    assert f"train.py: interrupted by {signum.name} after {windows * 10} weight steps; resume with" in err, err
+    (metrics_file,) = (tmp_path / "runs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "interrupted" and metrics["weight_steps"] == windows * 10
+    assert train.main(command(tmp_path / "runs", "--hyperparameter_steps", str(windows + 2), "-s", str(state),
+                              "--nproc", "2")) == 0
+
+
 # -- 5. Results: one corrupt file costs one run, not the folder ------------------------------------
 
 def test_a_corrupt_run_is_skipped_with_a_warning_naming_its_file(tmp_path, capsys):

@@ -103,8 +103,8 @@ def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_ddp_averages_outer_gradients_of_per_rank_tasks(tmp_path):
     out = str(tmp_path / "rank")
-    with distributed.local_rendezvous() as port:
-        torch.multiprocessing.spawn(_rank_gradients, args=(2, port, out), nprocs=2)
+    with distributed.local_rendezvous() as store:
+        torch.multiprocessing.spawn(_rank_gradients, args=(2, store.port, out), nprocs=2)
     ranks = [json.loads(open(f"{out}.{rank}").read()) for rank in range(2)]
     ddp = [torch.tensor(r["ddp"], dtype=DTYPE) for r in ranks]
     torch.testing.assert_close(ddp[0], ddp[1], rtol=0, atol=0)                      # identical on every rank
