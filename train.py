@@ -271,11 +271,12 @@ class Learner:
                 last = self._logged_step(h, s, self.fast_step)
             if tracked:
                 last = self._tracked_steps(h, T - tracked, T)
-            # One all-reduce for the divergence check and the stop request: every rank stops after
-            # the same window when any was asked to.
-            stop = float(self.stop_requested is not None and bool(self.stop_requested()))
-            summed = torch.cat([last.loss.detach().reshape(1), last.loss.new_full((1,), stop)])
-            last_loss, stops = distributed.all_reduce_([summed], self.context)[0].tolist()
+            # Ranks agree on a stop request in the all-reduce of the divergence check, so that all
+            # stop after the same window; one process asks after the window's bookkeeping (where a
+            # callback, after_window, may ask to stop).
+            asked_here = self.context.active and self._stop_asked()
+            summed = torch.cat([last.loss.detach().reshape(1), last.loss.new_full((1,), float(asked_here))])
+            last_loss, asked_anywhere = distributed.all_reduce_([summed], self.context)[0].tolist()
             if not math.isfinite(last_loss):
                 self.status = "diverged"
                 break
@@ -290,12 +291,15 @@ class Learner:
             if self.after_window is not None:
                 self.after_window(self)
             progress.update(T, last_loss, self._window_hyperparameters)
-            if stops:
+            if asked_anywhere or (not self.context.active and self._stop_asked()):
                 self.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
                 break
         progress.close()
         self.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
+
+    def _stop_asked(self) -> bool:
+        return self.stop_requested is not None and bool(self.stop_requested())
 
     def _start_window(self, h: int) -> None:
         restart = self.algorithm.start_window(h)
@@ -679,9 +683,10 @@ def check_launch(cfg: Config, world_size: int, local_world_size: int | None = No
 def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: str | None,
                load_state: str | None, checkpoint_every: int | None, launcher: int) -> None:
     """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies.
-    Signals are the launcher's to handle: it asks the ranks to stop through the rendezvous store."""
-    for signum in Interruption.SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    Ctrl-C, which reaches every process of the terminal, is the launcher's to handle: it asks the
+    ranks to stop through the rendezvous store. SIGTERM keeps its default: the launcher's way to
+    end the other ranks when one has failed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     context = distributed.join_local_group(rank, world_size, port, launcher, cfg.device)
     try:
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every,

@@ -92,7 +92,7 @@ MUTATIONS = (
              (("        beta1, beta2 = hp[\"beta1\"], hp[\"beta2\"]\n        step = state[\"step\"] + 1",
                "        beta1, beta2 = float(hp[\"beta1\"]), hp[\"beta2\"]\n        step = state[\"step\"] + 1"),)),
     Mutation("stop_not_agreed", "each rank of a --nproc job acting on its own view of a stop request",
-             "train.py", (("            if stops:\n", "            if stop:\n"),),
+             "train.py", (("            if asked_anywhere or", "            if asked_here or"),),
              ("tests/test_faults_interruptions.py::test_a_signalled_nproc_job_stops_every_rank_after_the_same_window",)),
     Mutation("all_reduce_averaged", "all-reduce averaged over ranks instead of summed",
              "distributed.py",
