@@ -484,17 +484,18 @@ def load_from(files: list[str], flags: dict | None = None, overrides: list[str] 
         sources.update(file_sources)       # a key set by an extended file names that file
     for key, value in (flags or {}).items():
         if value is not None:
-            values = deep_merge(values, _nest(key, value), f"--{key}", sources)
+            values = deep_merge(values, nest(key, value), f"--{key}", sources)
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {short(item)}: expected KEY=VALUE, e.g. --set optimiser.lr=1e-2")
         source = f"--set {short(key.strip())}"
-        values = deep_merge(values, _nest(key.strip(), parse_yaml_value(text, source)), source, sources)
+        values = deep_merge(values, nest(key.strip(), parse_yaml_value(text, source)), source, sources)
     return build_config(values, sources)
 
 
-def _nest(dotted: str, value: Any) -> dict:
+def nest(dotted: str, value: Any) -> dict:
+    """{"a": {"b": value}} from "a.b" and value."""
     for part in reversed(dotted.split(".")):
         value = {part: value}
     return value

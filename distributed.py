@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import util
+from schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,6 @@ DEFAULT_TIMEOUT = 60.0     # seconds
 def collective_timeout() -> float:
     """How long a rank waits for the others in any collective (seconds; the environment variable
     ONEPASS_COLLECTIVE_TIMEOUT, default 60) before it fails: a hung or dead rank ends the job."""
-    from schema import ConfigError
     value = os.environ.get(TIMEOUT_VARIABLE, "")
     try:
         seconds = float(value) if value else DEFAULT_TIMEOUT

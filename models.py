@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import re
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -192,7 +193,12 @@ def _build_own(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int)
         make = factory(cfg.name)
     except ConfigError as error:
         raise ConfigError(f"model.name = {cfg.name!r}: {error}") from None
-    model = make(cfg, tuple(input_shape), num_outputs)
+    try:
+        model = make(cfg, tuple(input_shape), num_outputs)
+    except Exception as error:       # the user's code: say where it failed, in one line
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        raise ConfigError(f"model.name = {cfg.name!r}: the factory raised {type(error).__name__}: {error} "
+                          f"({frame.filename}, line {frame.lineno})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name = {cfg.name!r}: the factory returned a {type(model).__name__}, "
                           f"not a torch.nn.Module")

@@ -113,12 +113,6 @@ def _dotted_key(name: str) -> str:
     return f"optimiser.{name}" if name in {f.name for f in dataclasses.fields(OptimiserConfig)} else name
 
 
-def _nest(dotted: str, value: Any) -> dict:
-    for part in reversed(dotted.split(".")):
-        value = {part: value}
-    return value
-
-
 def make_config(algorithm: str, settings: dict[str, Any], validation_rows: int, train_rows: int) -> Config:
     """The algorithm's config with `settings` on top, for data of `train_rows` training and
     `validation_rows` validation rows, validated as the command line's is (one-line ConfigErrors)."""
@@ -133,12 +127,12 @@ def make_config(algorithm: str, settings: dict[str, Any], validation_rows: int, 
         if key in FROM_ARGUMENTS or key.split(".")[0] in FROM_ARGUMENTS:
             what = FROM_ARGUMENTS.get(key, FROM_ARGUMENTS.get(key.split(".")[0]))
             raise ConfigError(f"onepass.tune({name}=...): {key} is given by the argument {what}, not a setting")
-        values = config.deep_merge(values, _nest(key, value), f"onepass.tune({name}=...)", sources)
+        values = config.deep_merge(values, config.nest(key, value), f"onepass.tune({name}=...)", sources)
     # The algorithm's config trains on train+validation when it sets no validation split (Random).
     dataset = algorithm_values.get("dataset")
     merge_validation = isinstance(dataset, dict) and dataset.get("validation_proportion") == 0
     proportion = 0.0 if merge_validation else validation_rows / (train_rows + validation_rows)
-    values = config.deep_merge(values, _nest("dataset.validation_proportion", proportion), "validation", sources)
+    values = config.deep_merge(values, config.nest("dataset.validation_proportion", proportion), "validation", sources)
     tuning = values.get("tuning", {}) if isinstance(values.get("tuning"), dict) else {}
     if validation_rows == 0 and tuning.get("hyperparameters") and \
             tuning.get("validation_data", "validation") == "validation":

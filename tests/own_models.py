@@ -17,3 +17,7 @@ def small_mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) 
 
 def not_a_module(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> str:
     return "a string"
+
+
+def failing(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    raise ValueError("this factory needs images")

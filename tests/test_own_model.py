@@ -208,6 +208,14 @@ def test_a_missing_factory_module_stops_train_py_with_one_line():
     assert "no module named 'nosuchpackage'" in done.stderr
 
 
+def test_a_factory_that_raises_stops_train_py_with_one_line_naming_where():
+    """Catches the user's exception escaping as a traceback (or a run directory made before it)."""
+    done = run_cli("train.py", "-c", *DIABETES, "--set", "model.name=tests.own_models:failing")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "the factory raised ValueError: this factory needs images (" in done.stderr
+    assert "own_models.py, line" in done.stderr
+
+
 # -- the example ------------------------------------------------------------------------------------
 
 def test_the_example_tunes_its_own_model_and_lowers_the_validation_loss():
