@@ -40,7 +40,8 @@ class HyperOptimiser:
         self.hyperparameters = hyperparameters
 
     def start_window(self, window: int) -> tuple[Weights, dict] | None:
-        """Weights and rule state to start `window` from instead of where the last one ended."""
+        """Weights (their values are copied) and rule state (kept) to start `window` from instead of
+        where the last one ended."""
         return None
 
     def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:

@@ -51,7 +51,7 @@ class UnrolledHyperOptimiser(GradientHyperOptimiser):
         if not (self.reset_weights and window > 0):
             return None
         weights, state = self._initial
-        return [w.clone() for w in weights], copy.deepcopy(state)
+        return weights, copy.deepcopy(state)       # (the loop copies the weights' values; it keeps the state)
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"initial": self._initial}
