@@ -109,6 +109,18 @@ MUTATIONS = (
              (DDP_UNROLLED,)),
 )
 
+# What the reported numbers rest on besides the hypergradient: measurements, the loop's settings,
+# the shipped configs, data parallelism.
+MEASUREMENT_MUTATIONS: tuple[Mutation, ...] = (
+)
+
+# The analysis and the baselines the paper's tables rest on (figures, 3-batching, Bayesian
+# optimisation, PBT, logged summaries), checked against hand-made results with known answers.
+ANALYSIS_MUTATIONS: tuple[Mutation, ...] = (
+)
+
+MUTATIONS = MUTATIONS + MEASUREMENT_MUTATIONS + ANALYSIS_MUTATIONS
+
 
 class Stale(Exception):
     """A mutation whose original text is no longer in its file (exactly once)."""
