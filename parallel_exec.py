@@ -33,6 +33,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -40,6 +41,9 @@ from tqdm import tqdm
 import config
 import util
 from config import ConfigError
+
+if TYPE_CHECKING:
+    import train
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 FINISHED = ("completed", "diverged")
@@ -410,6 +414,15 @@ class TuneReporter:
         self.log.close()
 
 
+def continue_from(learner: train.Learner, state: dict) -> None:
+    """A PBT trial's start from another trial's checkpoint `state`: that complete state, with the
+    hyperparameters moved by the change of the starting values (the state's config to the
+    learner's), in the log10/logit space they are tuned in."""
+    learner.load_state_dict(state)
+    learner.hyperparameters.shift_({name: state["config"]["optimiser"][name] for name in SEARCH_RANGES},
+                                   {name: getattr(learner.cfg.optimiser, name) for name in SEARCH_RANGES})
+
+
 def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], checkpoint_interval: int) -> None:
     """One Ray Tune trial: a run of `files` from the trial's hyperparameters, logging every weight
     step, checkpointed (the framework's complete state) every `checkpoint_interval` steps. A trial
@@ -429,9 +442,7 @@ def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], chec
     if restored is not None:
         with restored.as_directory() as folder:
             state = torch.load(Path(folder) / "state.pt", weights_only=True)
-        learner.load_state_dict(state)
-        learner.hyperparameters.shift_({name: state["config"]["optimiser"][name] for name in SEARCH_RANGES},
-                                       {name: getattr(cfg.optimiser, name) for name in SEARCH_RANGES})
+        continue_from(learner, state)
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     util.write_json(run_dir / "config.json", config.to_dict(cfg))    # after a PBT exploit: the new values

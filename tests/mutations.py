@@ -30,6 +30,7 @@ SHARED = REPO.parent / "shared"
 GROUND_TRUTH = ("tests/test_loop_ground_truth.py", "tests/test_hypergradients.py")
 DDP_IMPLICIT = "tests/test_distributed.py::test_n_ranks_end_where_one_rank_ends[Ours_LR_Momentum-2]"
 DDP_UNROLLED = "tests/test_distributed.py::test_n_ranks_end_where_one_rank_ends[DiffThroughOpt-2]"
+ANALYSIS = "tests/test_analysis_truth.py"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,30 @@ MEASUREMENT_MUTATIONS: tuple[Mutation, ...] = (
 # The analysis and the baselines the paper's tables rest on (figures, 3-batching, Bayesian
 # optimisation, PBT, logged summaries), checked against hand-made results with known answers.
 ANALYSIS_MUTATIONS: tuple[Mutation, ...] = (
+    Mutation("median_se_from_means", "the median's bootstrap standard error computed from resampled means",
+             "figures.py", (("bootstrap_standard_error(kept, np.median, seed=seed)",
+                             "bootstrap_standard_error(kept, np.mean, seed=seed)"),),
+             (f"{ANALYSIS}::test_table_errors_are_the_bootstrap_errors_of_the_mean_and_the_median",)),
+    Mutation("three_batched_on_test", "Random (3-batched) picking each triple's run by its test value",
+             "figures.py", (("three_batched(values[\"Random_Validation\"], validation, seed)",
+                             "three_batched(values[\"Random_Validation\"], values[\"Random_Validation\"], seed)"),),
+             (f"{ANALYSIS}::test_three_batched_random_picks_the_run_with_the_best_validation_loss_not_test",)),
+    Mutation("bayesopt_on_test", "Bayesian optimisation's objective read from the test split", "bayesopt.py",
+             (("value = final.get(\"Unnormalised_Loss/Validation\", final.get(\"Loss/Validation\"))",
+               "value = final.get(\"Unnormalised_Loss/Test\", final.get(\"Loss/Test\"))"),),
+             (f"{ANALYSIS}::test_bayesian_optimisation_minimises_the_validation_loss_not_the_test_loss",)),
+    Mutation("pbt_perturbation_sign", "PBT's perturbation of a copied state applied with its sign flipped",
+             "algorithms/hyperparameters.py",
+             (("to_raw(name, torch.tensor(new[name], dtype=torch.float64)) - to_raw(\n"
+               "                name, torch.tensor(old[name], dtype=torch.float64))",
+               "to_raw(name, torch.tensor(old[name], dtype=torch.float64)) - to_raw(\n"
+               "                name, torch.tensor(new[name], dtype=torch.float64))"),),
+             (f"{ANALYSIS}::test_a_pbt_trial_continues_the_copied_state_moved_by_its_perturbation_in_log10_and_"
+              "logit_space",)),
+    Mutation("per_element_lr_mean_of_means", "a per-element lr logged as the mean of each weight tensor's mean",
+             "algorithms/hyperparameters.py",
+             (("value = flat.mean()", "value = torch.stack([v.mean() for v in value]).mean()"),),
+             (f"{ANALYSIS}::test_the_logged_per_element_lr_is_the_mean_over_every_element",)),
 )
 
 MUTATIONS = MUTATIONS + MEASUREMENT_MUTATIONS + ANALYSIS_MUTATIONS
