@@ -31,7 +31,7 @@ import datasets
 import models
 from algorithms.hyperparameters import TRANSFORMS
 from algorithms.weight_update import RULES
-from schema import QUOTE_LENGTH, Config, ConfigError, short, short_repr
+from schema import QUOTE_LENGTH, Config, ConfigError, OptimiserConfig, short, short_repr
 
 
 def valid_names(choices: str | tuple[str, ...]) -> list[str]:
@@ -84,6 +84,16 @@ class _Loader(yaml.SafeLoader):
                 raise _Refused(problem=f"duplicate key {short_repr(key)}", problem_mark=key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:      # more digits than Python converts (sys.get_int_max_str_digits)
+            raise _Refused(problem=f"an integer of {len(node.value)} digits is too long: write it as a float, "
+                                   f"e.g. 1.5e20", problem_mark=node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.add_implicit_resolver(
@@ -380,7 +390,27 @@ def build_config(values: dict, sources: dict | None = None) -> Config:
     """Validate a nested dict (as merged from YAML) into a Config."""
     cfg = _build(Config, values, sources or {})
     _check_consistency(cfg)
+    _check_unused_by_rule(cfg, sources or {})
     return cfg
+
+
+REQUESTS = ("--", "onepass.tune(")    # sources that are a user's own settings: flags, --set, tune's keywords
+
+
+def _check_unused_by_rule(cfg: Config, sources: dict) -> None:
+    """Refuse another rule's hyperparameter (momentum under adam, beta1 under sgd) that the user set
+    or that the file choosing the rule sets: the rule would ignore it. A dataset config's SGD starting
+    values stay allowed under `--set optimiser.name=adam`."""
+    rule, defaults = RULES[cfg.optimiser.name], OptimiserConfig()
+    chooser = sources.get(("optimiser", "name"))
+    for name in sorted({name for other in RULES.values() for name in other.hyperparameters} - set(rule.hyperparameters)):
+        source, value = sources.get(("optimiser", name)), getattr(cfg.optimiser, name)
+        if source is None or value == getattr(defaults, name) or (source != chooser and not source.startswith(REQUESTS)):
+            continue
+        users = [other for other, candidate in RULES.items() if name in candidate.hyperparameters]
+        raise ConfigError(f"{source}: optimiser.{name} = {value} is not used by optimiser.name = "
+                          f"{cfg.optimiser.name!r} (it has {', '.join(rule.hyperparameters)}): remove it, or "
+                          f"set optimiser.name to {' or '.join(repr(user) for user in users)}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -477,10 +507,12 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
 
 def load_from(files: list[str], flags: dict | None = None, overrides: list[str] | None = None) -> Config:
     """Merge `files`, then `flags` ({dotted key: value or None}), then 'key=value' overrides."""
-    values, sources = {}, {}
+    values, sources, dataset_file = {}, {}, None
     for path in files:
         file_sources: dict = {}
-        values = deep_merge(values, read_yaml_file(path, file_sources), path, sources)
+        content = read_yaml_file(path, file_sources)
+        dataset_file = _check_one_dataset(path, content, dataset_file, values)
+        values = deep_merge(values, content, path, sources)
         sources.update(file_sources)       # a key set by an extended file names that file
     for key, value in (flags or {}).items():
         if value is not None:
@@ -492,6 +524,24 @@ def load_from(files: list[str], flags: dict | None = None, overrides: list[str] 
         source = f"--set {short(key.strip())}"
         values = deep_merge(values, nest(key.strip(), parse_yaml_value(text, source)), source, sources)
     return build_config(values, sources)
+
+
+def _dataset_name(values: dict) -> Any:
+    return values["dataset"].get("name") if isinstance(values.get("dataset"), dict) else None
+
+
+def _check_one_dataset(path: str, content: dict, dataset_file: str | None, values: dict) -> str | None:
+    """The file that names the dataset so far. A second file naming another dataset is refused: it is
+    usually meant as the algorithm config (`-c uci_energy.yaml diabetes.yaml` would train diabetes
+    with Random)."""
+    name = _dataset_name(content)
+    if name is None:
+        return dataset_file
+    if dataset_file is not None and name != _dataset_name(values):
+        raise ConfigError(f"-c {path}: a second dataset config (dataset '{short(str(name))}', after {dataset_file}): "
+                          f"give one dataset config, then an algorithm config (one that sets 'algorithm', e.g. "
+                          f"configs/Ours_LR.yaml)")
+    return path
 
 
 def nest(dotted: str, value: Any) -> dict:

@@ -190,8 +190,20 @@ class Splits:
         return self.input_shape[0]
 
 
-def split_sizes(train_val_size: int, validation_proportion: float) -> tuple[int, int]:
-    validation = int(np.rint(train_val_size * validation_proportion))
+def check_batch_size(batch_size: int | None, train: Split) -> None:
+    """Refuse a batch larger than the training split: it would silently be the whole split."""
+    if batch_size is not None and batch_size > len(train):
+        rows = "time steps in the training streams" if train.sequential else "training rows"
+        raise ConfigError(f"batch_size = {batch_size} is more than the {len(train)} {rows}: use at most "
+                          f"{len(train)}, or batch_size: null for full-batch training")
+
+
+def split_sizes(cfg: DatasetConfig, train_val_size: int) -> tuple[int, int]:
+    """(training rows, validation rows); a ConfigError when the validation proportion takes them all."""
+    validation = int(np.rint(train_val_size * cfg.validation_proportion))
+    if validation >= train_val_size:
+        raise ConfigError(f"dataset.validation_proportion = {cfg.validation_proportion} leaves no training rows of "
+                          f"dataset '{cfg.name}' ({train_val_size} train+validation rows): lower it")
     return train_val_size - validation, validation
 
 
@@ -240,7 +252,7 @@ def make_splits(cfg: DatasetConfig, dtype: torch.dtype, device: torch.device) ->
             else torch.as_tensor(targets[rows], dtype=dtype, device=device)
         return Split(torch.as_tensor(inputs[rows], dtype=dtype, device=device), split_targets)
 
-    n_train, n_validation = split_sizes(train_val_size, cfg.validation_proportion)
+    n_train, n_validation = split_sizes(cfg, train_val_size)
     return Splits(
         train=split(slice(0, n_train)),
         validation=split(slice(n_train, train_val_size)) if n_validation else None,
@@ -269,7 +281,7 @@ def make_sequence_splits(cfg: DatasetConfig, raw: RawData, device: torch.device)
         return Split(tokens[start:stop], tokens[start + 1:stop + 1], sequential=True)
 
     train_val, test = table(raw.inputs, "train+validation text"), table(raw.targets, "test text")
-    n_train, n_validation = split_sizes(len(train_val) - 1, cfg.validation_proportion)
+    n_train, n_validation = split_sizes(cfg, len(train_val) - 1)
     return Splits(
         train=pairs(train_val, 0, n_train),
         validation=pairs(train_val, n_train, n_train + n_validation) if n_validation else None,

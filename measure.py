@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch.func import functional_call
 
 import datasets
 import distributed
+from schema import ConfigError, short
 
 EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
 
@@ -123,3 +125,76 @@ class Meter:
         headline = {"classification": "Accuracy", "language_model": "Perplexity"}.get(self.splits.task)
         tags = [f"Loss/{split}" for split in splits] + ([f"{headline}/Test"] if headline else [])
         return tags + (["Unnormalised_Loss/Test"] if self.splits.target_std is not None else [])
+
+
+PROBE_ROWS = 2    # training rows the model and loss are tried on before a run (2: BatchNorm needs more than 1)
+
+
+def _one_line(error: BaseException) -> str:
+    return short(f"{type(error).__name__}: {' '.join(str(error).split())}", 200)
+
+
+def _probe_outputs(model: nn.Module, batch: datasets.Batch) -> Any:
+    """The model's outputs on `batch` with no trace left: no graph, no random numbers drawn (the
+    run's results stay those of a run without the probe), its modes and buffers (BatchNorm's
+    running statistics) as they were."""
+    modes = {module: module.training for module in model.modules()}
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    devices = [batch.inputs.device] if batch.inputs.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            return forward(model.eval(), batch)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+
+
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              splits: datasets.Splits, model_name: str, loss_name: str | None) -> None:
+    """Try `model` and `loss_fn` on the first training rows: a ConfigError naming what does not fit
+    (the model and the data, the outputs and the targets, a loss that is not a scalar tensor),
+    instead of PyTorch's error from inside the training loop. `loss_name` names a built-in loss,
+    whose outputs' shape is known (mse: the targets'; cross_entropy: a column per class)."""
+    train = splits.train
+    batch = datasets.Batch(train.inputs[:PROBE_ROWS], train.targets[:PROBE_ROWS], 1.0,
+                           carry=datasets.Carry() if train.sequential else None)
+    try:
+        outputs = _probe_outputs(model, batch)
+    except Exception as error:      # the model's own code: any exception means it does not fit
+        raise ConfigError(f"{model_name} does not fit the data: on inputs of shape {_shape(batch.inputs)} it "
+                          f"raised {_one_line(error)}") from None
+    if not isinstance(outputs, torch.Tensor):
+        raise ConfigError(f"{model_name} returned a {type(outputs).__name__}, not a tensor of outputs")
+    _check_outputs(outputs, batch.targets, splits, model_name, loss_name)
+    try:
+        with torch.no_grad():
+            loss = loss_fn(outputs, batch.targets)
+    except Exception as error:      # a user's loss, or outputs a built-in loss cannot take
+        raise ConfigError(f"loss does not fit {model_name}'s outputs: loss(outputs {_shape(outputs)}, targets "
+                          f"{_shape(batch.targets)}) raised {_one_line(error)}") from None
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.is_floating_point():
+        got = f"a tensor of shape {_shape(loss)} and dtype {loss.dtype}" if isinstance(loss, torch.Tensor) \
+            else f"a {type(loss).__name__}"
+        raise ConfigError(f"loss returned {got}: it must return the batch's mean loss as a scalar floating-point "
+                          f"tensor (torch operations throughout, no .item() or float())")
+
+
+def _check_outputs(outputs: torch.Tensor, targets: torch.Tensor, splits: datasets.Splits, model_name: str,
+                   loss_name: str | None) -> None:
+    """Outputs a built-in loss would take but misread: mse broadcasts (rows, 1) against (rows,),
+    and cross_entropy indexes classes beyond the outputs (a device-side assert on CUDA)."""
+    if loss_name == "mse" and outputs.shape != targets.shape:
+        raise ConfigError(f"{model_name} does not fit the data: outputs of shape {_shape(outputs)} for targets of "
+                          f"shape {_shape(targets)} (mse needs the same shape: one output per target)")
+    if loss_name == "cross_entropy" and (outputs.ndim != 2 or outputs.shape[0] != targets.numel()
+                                         or outputs.shape[1] < splits.num_outputs):
+        raise ConfigError(f"{model_name} does not fit the data: outputs of shape {_shape(outputs)}, but "
+                          f"cross_entropy needs ({targets.numel()}, {splits.num_outputs}): a row per target and "
+                          f"a column per class")

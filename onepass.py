@@ -44,6 +44,7 @@ from torch import nn
 import config
 import datasets
 import distributed
+import measure
 import models
 import train
 from schema import REPO_DIR, Config, ConfigError, OptimiserConfig, short_repr
@@ -269,7 +270,9 @@ def tune(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Te
         both = datasets.Split(torch.cat([splits.train.inputs, splits.validation.inputs]),
                               torch.cat([splits.train.targets, splits.validation.targets]))
         splits = replace(splits, train=both, validation=None, test=splits.test if test is not None else both)
+    datasets.check_batch_size(cfg.batch_size, splits.train)
     model.to(device=device, dtype=dtype)
+    measure.check_fit(model, loss_fn, splits, "model", loss if isinstance(loss, str) else None)
     cfg = replace(cfg, threads=cfg.threads or train.default_threads(model))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)

@@ -82,10 +82,13 @@ def prepare(cfg: Config) -> Setup:
     if splits.task == "language_model" and cfg.batch_size is None:
         raise ConfigError(f"batch_size: the language-model dataset '{cfg.dataset.name}' needs a batch_size (the "
                           f"truncated-BPTT length, e.g. 70)")
+    datasets.check_batch_size(cfg.batch_size, splits.train)
     model = models.build(cfg.model, splits.input_shape, splits.num_outputs).to(device=device, dtype=dtype)
+    loss_fn = models.build_loss(cfg.loss)
+    measure.check_fit(model, loss_fn, splits, f"model.name = {cfg.model.name!r}", cfg.loss)
     cfg = replace(cfg, threads=cfg.threads or default_threads(model))
     torch.set_num_threads(cfg.threads)
-    return Setup(cfg, device, splits, model, models.build_loss(cfg.loss))
+    return Setup(cfg, device, splits, model, loss_fn)
 
 
 SMALL_MODEL = 1_000_000     # parameters; below this, one thread is fastest (bench/RESULTS.md, threads)
