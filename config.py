@@ -403,9 +403,11 @@ def _check_unused_by_rule(cfg: Config, sources: dict) -> None:
     values stay allowed under `--set optimiser.name=adam`."""
     rule, defaults = RULES[cfg.optimiser.name], OptimiserConfig()
     chooser = sources.get(("optimiser", "name"))
-    for name in sorted({name for other in RULES.values() for name in other.hyperparameters} - set(rule.hyperparameters)):
+    others = {name for other in RULES.values() for name in other.hyperparameters} - set(rule.hyperparameters)
+    for name in sorted(others):
         source, value = sources.get(("optimiser", name)), getattr(cfg.optimiser, name)
-        if source is None or value == getattr(defaults, name) or (source != chooser and not source.startswith(REQUESTS)):
+        asked = source is not None and (source == chooser or source.startswith(REQUESTS))
+        if not asked or value == getattr(defaults, name):
             continue
         users = [other for other, candidate in RULES.items() if name in candidate.hyperparameters]
         raise ConfigError(f"{source}: optimiser.{name} = {value} is not used by optimiser.name = "
