@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -55,6 +56,9 @@ class _Refused(yaml.MarkedYAMLError):
     """Well-formed YAML that a config may not use."""
 
 
+INT_DIGITS = sys.get_int_max_str_digits() or 4300    # 0 means no limit
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`), and
     refuses what would make a config ambiguous or unbounded: anchors and aliases (a few lines of
@@ -86,11 +90,12 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:      # more digits than Python converts (sys.get_int_max_str_digits)
-            raise _Refused(problem=f"an integer of {len(node.value)} digits is too long: write it as a float, "
-                                   f"e.g. 1.5e20", problem_mark=node.start_mark) from None
+        # Python refuses to convert (or print) decimal integers this long; hexadecimal ones would
+        # convert, then fail wherever the value is quoted
+        if len(node.value) > INT_DIGITS:
+            raise _Refused(problem=f"an integer of {len(node.value)} characters is too long (at most {INT_DIGITS})",
+                           problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
@@ -402,11 +407,11 @@ def _check_unused_by_rule(cfg: Config, sources: dict) -> None:
     or that the file choosing the rule sets: the rule would ignore it. A dataset config's SGD starting
     values stay allowed under `--set optimiser.name=adam`."""
     rule, defaults = RULES[cfg.optimiser.name], OptimiserConfig()
-    chooser = sources.get(("optimiser", "name"))
+    chooser = _source_of(sources, ("optimiser", "name"))
     others = {name for other in RULES.values() for name in other.hyperparameters} - set(rule.hyperparameters)
     for name in sorted(others):
-        source, value = sources.get(("optimiser", name)), getattr(cfg.optimiser, name)
-        asked = source is not None and (source == chooser or source.startswith(REQUESTS))
+        source, value = _source_of(sources, ("optimiser", name)), getattr(cfg.optimiser, name)
+        asked = source == chooser or source.startswith(REQUESTS)
         if not asked or value == getattr(defaults, name):
             continue
         users = [other for other, candidate in RULES.items() if name in candidate.hyperparameters]

@@ -21,3 +21,11 @@ def not_a_module(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: in
 
 def failing(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     raise ValueError("this factory needs images")
+
+
+def wrong_inputs(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return nn.Linear(input_shape[0] + 1, num_outputs)
+
+
+def wrong_outputs(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return nn.Linear(input_shape[0], 3)

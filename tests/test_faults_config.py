@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import train
 import util
 from config import ConfigError
@@ -261,3 +262,46 @@ def test_extends_a_bad_file(case, tmp_path, capsys):
     elif base is not None:
         write(tmp_path, "base.yaml", base)
     refused(tmp_path, capsys, ["-c", DIABETES, write(tmp_path, "bad.yaml", text + "seed: 1\n")], fragment)
+
+
+# -- 9. settings the run would silently ignore or clamp ----------------------------------------------
+
+IGNORED = {     # each used to run without a word
+    "batch larger than the data": (["configs/Random.yaml", "--batch_size", "1000"],
+                                   "batch_size = 1000 is more than the 398 training rows: use at most 398"),
+    "no training rows left": (["configs/Random.yaml", "--set", "dataset.validation_proportion=0.999"],
+                              "dataset.validation_proportion = 0.999 leaves no training rows of dataset 'diabetes'"),
+    "momentum under adam": (["configs/Random.yaml", "--set", "optimiser.name=adam", "--set",
+                             "optimiser.momentum=0.9"], "--set optimiser.momentum: optimiser.momentum = 0.9 is not "
+                                                        "used by optimiser.name = 'adam'"),
+    "beta1 under sgd": (["configs/Random.yaml", "--set", "optimiser.beta1=0.8"],
+                        "optimiser.beta1 = 0.8 is not used by optimiser.name = 'sgd'"),
+    "a dataset config where the algorithm goes": (["configs/uci_energy.yaml"],
+                                                  "-c configs/uci_energy.yaml: a second dataset config"),
+}
+
+
+@pytest.mark.parametrize("case", IGNORED, ids=list(IGNORED))
+def test_settings_the_run_would_ignore_are_refused(case, tmp_path, capsys):
+    argv, fragment = IGNORED[case]
+    refused(tmp_path, capsys, ["-c", DIABETES, *argv], fragment)
+
+
+def test_momentum_in_the_file_that_chooses_adam_is_refused(tmp_path, capsys):
+    adam = write(tmp_path, "adam.yaml", "algorithm: Random\noptimiser:\n  name: adam\n  momentum: 0.9\n")
+    refused(tmp_path, capsys, ["-c", DIABETES, adam], "adam.yaml: optimiser.momentum = 0.9 is not used")
+
+
+def test_the_dataset_configs_sgd_values_stay_allowed_when_a_user_switches_to_adam(tmp_path):
+    """Catches the unused-setting check refusing the dataset config's own momentum (which the user
+    did not set) once `--set optimiser.name=adam` is given."""
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml"), str(REPO / "configs/Random.yaml")],
+                           overrides=["optimiser.name=adam"])
+    assert cfg.optimiser.name == "adam" and cfg.optimiser.momentum == 0.6224593312      # not the default 0.5
+
+
+@pytest.mark.parametrize("digits", ["9" * 100_000, "0x" + "f" * 100_000, "-" + "1" * 5000])
+def test_an_integer_too_long_for_python_is_refused(digits, tmp_path, capsys):
+    """Was a traceback (Python's int conversion limit) for --set values of 100,000 digits."""
+    refused(tmp_path, capsys, ["-c", DIABETES, "--set", f"seed={digits}"], "--set seed: an integer of",
+            "characters is too long")

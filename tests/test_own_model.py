@@ -12,6 +12,7 @@ from torch import nn
 
 import config
 import datasets
+import measure
 import models
 import onepass
 import train
@@ -134,6 +135,18 @@ BAD_CALLS = {
     "inputs of another shape": (dict(validation=(torch.zeros(5, 3), torch.zeros(5, 1))),
                                 ["validation: inputs of shape (3,) per row, but train's are (4,)"]),
     "float labels for classification": (dict(task="classification"), ["train: classification targets must be"]),
+    "features the model does not take": (dict(model=nn.Linear(3, 1)), [
+        "model does not fit the data: on inputs of shape (2, 4) it raised RuntimeError: mat1 and mat2 shapes"]),
+    "outputs of another shape than the targets": (dict(model=small_model(outputs=2), loss="mse"), [
+        "model does not fit the data: outputs of shape (2, 2) for targets of shape (2, 1)"]),
+    "a loss of one value per row": (dict(loss=lambda out, y: (out - y) ** 2), [
+        "loss returned a tensor of shape (2, 1)", "scalar floating-point tensor"]),
+    "a loss returning a float": (dict(loss=lambda out, y: float(((out - y) ** 2).mean())), [
+        "loss returned a float", "no .item() or float()"]),
+    "a loss that raises": (dict(loss=lambda out, y: out @ y), [
+        "loss does not fit model's outputs: loss(outputs (2, 1), targets (2, 1)) raised RuntimeError"]),
+    "a batch larger than the training data": (dict(settings={"batch_size": 11}), [
+        "batch_size = 11 is more than the 10 training rows: use at most 10"]),
 }
 
 
@@ -151,6 +164,35 @@ def test_bad_inputs_are_one_line_errors_before_training(case):
             else onepass.tune(**arguments, **settings)
     message = str(error.value)
     assert "\n" not in message and all(part in message for part in expected), message
+
+
+class CountsCalls(nn.Module):
+    """Draws a random number and counts its calls in a buffer in every mode (as some users' models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x + 0 * torch.rand(())
+
+
+def test_the_fit_check_leaves_no_trace_on_the_run():
+    """Catches a probe of the model in training mode (dropout draws, BatchNorm's running statistics
+    move), or one that leaves a model's own random draws or buffer updates behind: the model's state
+    and the random stream are those of a model never probed."""
+    x, y = regression_data(60)
+    splits = datasets.Splits(train=datasets.Split(x[:40], y[:40]), validation=None, test=None,
+                             input_shape=(4,), num_outputs=1, task="regression")
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), CountsCalls(), nn.Linear(8, 1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    measure.check_fit(model, nn.functional.mse_loss, splits, "model", "mse")
+    after_probe = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_probe, torch.rand(3)) and all(module.training for module in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 # -- model.name: module:factory -----------------------------------------------------------------------
@@ -200,6 +242,19 @@ def test_a_factory_that_returns_no_module_fails_before_training():
     cfg = config.load_from(DIABETES, overrides=["model.name=tests.own_models:not_a_module"])
     with pytest.raises(ConfigError, match="the factory returned a str, not a torch.nn.Module"):
         train.prepare(cfg)
+
+
+@pytest.mark.parametrize("factory,expected", [
+    ("wrong_inputs", "model.name = 'tests.own_models:wrong_inputs' does not fit the data: on inputs of shape (2, 10)"),
+    ("wrong_outputs", "outputs of shape (2, 3) for targets of shape (2, 1) (mse needs the same shape"),
+])
+def test_a_factory_model_that_does_not_fit_the_data_stops_train_py_with_one_line(factory, expected, tmp_path):
+    """Catches the model first meeting the data inside the training loop (a traceback, a run directory
+    half-written), or mse broadcasting (rows, 3) outputs against (rows, 1) targets without a word."""
+    done = run_cli("train.py", "-c", *DIABETES, "--set", f"model.name=tests.own_models:{factory}",
+                   "-l", str(tmp_path))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert expected in done.stderr and not any(tmp_path.iterdir())
 
 
 def test_a_missing_factory_module_stops_train_py_with_one_line():
