@@ -30,6 +30,7 @@ import yaml
 import algorithms
 import datasets
 import models
+import util
 from algorithms.hyperparameters import TRANSFORMS
 from algorithms.weight_update import RULES
 from schema import QUOTE_LENGTH, Config, ConfigError, OptimiserConfig, short, short_repr
@@ -472,7 +473,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = util.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a network while tuning its hyperparameters, from YAML configs.",
         epilog=_keys_help() + "\n\nexample:\n  python train.py -c configs/uci_energy.yaml configs/Random.yaml "

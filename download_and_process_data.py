@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     uci_names = list(datasets.UCI_SETS)
     bundled = [name for name, spec in datasets.DATASETS.items() if not spec.raw_name and name not in RAW_SETS]
     valid = [*uci_names, *RAW_SETS, *bundled]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="DATASET",
                         help=f"datasets to process (default: all of {', '.join(uci_names)})")
     parser.add_argument("--source", type=Path, metavar="DIR",

@@ -10,7 +10,6 @@ accuracy against world size) and results.md (the table).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -109,7 +108,7 @@ def table(results: dict[int, list[tuple[int, float, Path]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = util.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1 per world size (default 5)")
     parser.add_argument("--out", type=Path, default=Path("results/meta_scaling"))

@@ -5,9 +5,11 @@ time) and TensorBoard event files whose steps are global weight-step indices.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import struct
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import google_crc32c
 import numpy as np
@@ -28,7 +30,16 @@ from google.protobuf.message import DecodeError
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-from schema import ConfigError, short_repr
+from schema import ConfigError, short, short_repr
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with every command-line mistake in one line on stderr (the usage is one
+    --help away) and long quoted values cut short; exit code 2, as argparse."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"'([^']*)'", lambda quoted: repr(short(quoted[1])), " ".join(message.split()))
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def run_command(main: Callable[[], int]) -> int:

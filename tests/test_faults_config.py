@@ -305,3 +305,15 @@ def test_an_integer_too_long_for_python_is_refused(digits, tmp_path, capsys):
     """Was a traceback (Python's int conversion limit) for --set values of 100,000 digits."""
     refused(tmp_path, capsys, ["-c", DIABETES, "--set", f"seed={digits}"], "--set seed: an integer of",
             "characters is too long")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--seed", "9" * 100_000], "argument --seed: invalid int value: '999"),
+    (["--nproc", "0"], "argument --nproc: must be at least 1, got 0"),
+    (["--hyperparameter-steps", "3"], "unrecognized arguments: --hyperparameter-steps"),
+])
+def test_a_malformed_command_line_is_one_short_line(argv, fragment, tmp_path, capsys):
+    """Was argparse's usage block and then the whole 100,000-digit value quoted back."""
+    with pytest.raises(SystemExit) as exited:
+        train.main(["-c", DIABETES, *argv, "-l", str(tmp_path / "logs")])
+    assert_refused(exited.value.code, capsys.readouterr().err, tmp_path, [], fragment, "(see train.py --help)")
