@@ -33,7 +33,7 @@ import models
 import util
 from algorithms.hyperparameters import TRANSFORMS
 from algorithms.weight_update import RULES
-from schema import QUOTE_LENGTH, Config, ConfigError, OptimiserConfig, short, short_repr
+from schema import MAX_COUNT, QUOTE_LENGTH, Config, ConfigError, OptimiserConfig, short, short_repr
 
 
 def valid_names(choices: str | tuple[str, ...]) -> list[str]:
@@ -392,9 +392,20 @@ def _check_tuning(cfg: Config) -> None:
                           f"is 0: set it above 0 (or tuning.validation_data: training)")
 
 
+def _one_step_windows(cfg: Config) -> Config:
+    """tuning.every_weight_step: the H windows of T steps become H*T windows of one step, so that
+    the algorithm trains for the budget every other algorithm of the experiment gets."""
+    if not cfg.tuning.every_weight_step or cfg.network_weight_steps == 1:
+        return cfg
+    if cfg.total_weight_steps > MAX_COUNT:
+        raise ConfigError(f"tuning.every_weight_step: hyperparameter_steps * network_weight_steps = "
+                          f"{cfg.total_weight_steps} windows is out of range: valid range is [1, {MAX_COUNT}]")
+    return dataclasses.replace(cfg, network_weight_steps=1, hyperparameter_steps=cfg.total_weight_steps)
+
+
 def build_config(values: dict, sources: dict | None = None) -> Config:
     """Validate a nested dict (as merged from YAML) into a Config."""
-    cfg = _build(Config, values, sources or {})
+    cfg = _one_step_windows(_build(Config, values, sources or {}))
     _check_consistency(cfg)
     _check_unused_by_rule(cfg, sources or {})
     return cfg

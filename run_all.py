@@ -278,6 +278,21 @@ def list_experiments(results: Path, workers: int) -> None:
         print(f"{name:<34}{runs:>8}{when:>14}   {experiment.description}", flush=True)
 
 
+def weight_step_budgets(jobs: list[parallel_exec.Job], results: Path) -> dict[str, int]:
+    """{dataset and setting: the weight-step budget of its runs}; a ConfigError when the algorithms
+    of one dataset and setting would train for different budgets (an unequal comparison)."""
+    budgets: dict[str, dict[str, int]] = {}
+    for job in _representatives(jobs):
+        _, dataset, algorithm, *setting = job.group.split("/")
+        budgets.setdefault("/".join([dataset, *setting]), {})[algorithm] = job.config(results).weight_step_budget
+    for where, of_algorithm in budgets.items():
+        if len(set(of_algorithm.values())) > 1:
+            steps = ", ".join(f"{algorithm} {steps}" for algorithm, steps in of_algorithm.items())
+            raise ConfigError(f"{where}: the algorithms would train for different numbers of weight steps ({steps}); "
+                              f"set hyperparameter_steps or network_weight_steps per algorithm, not with --set")
+    return {where: next(iter(of_algorithm.values())) for where, of_algorithm in budgets.items()}
+
+
 def _representatives(jobs: list[parallel_exec.Job]) -> list[parallel_exec.Job]:
     """The first job of each group (dataset, algorithm, setting)."""
     first = {}
@@ -365,6 +380,9 @@ def run(args: argparse.Namespace) -> int:
         run_tune(args.experiment, experiment, args)
     elif experiment.runner == "batch":
         jobs = experiment.jobs(args.experiment, args.results, args.reps, args.seed, tuple(args.overrides))
+        budgets = weight_step_budgets(jobs, args.results)
+        print(f"{args.experiment}: {len(jobs)} runs; weight steps of every algorithm: "
+              + ", ".join(f"{steps} on {where}" for where, steps in budgets.items()), flush=True)
         counts = parallel_exec.run_batch(jobs, args.results, args.workers, show_progress=sys.stderr.isatty())
         print(f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
         if counts["failed"]:

@@ -137,6 +137,9 @@ class TuningConfig:
                                         "optimiser state (Long Diff-through-Opt)")
     validation_data: str = option("validation", "data of the hypergradient's loss",
                                   choices=("validation", "training"))
+    every_weight_step: bool = option(
+        False, "a hyperparameter step after every weight step, within the same budget of H*T weight steps: "
+               "the run takes H*T windows of one step (Baydin, as the paper ran it)")
 
 
 @dataclass(frozen=True)
@@ -203,3 +206,9 @@ class Config:
     @property
     def total_weight_steps(self) -> int:
         return self.hyperparameter_steps * self.network_weight_steps
+
+    @property
+    def weight_step_budget(self) -> int:
+        """Weight steps that train the final network: H*T, or T when every window restarts from the
+        initial weights (Long Diff-through-Opt). Algorithms compared in one experiment get the same."""
+        return self.network_weight_steps if self.tuning.reset_weights else self.total_weight_steps

@@ -279,7 +279,8 @@ def test_paper_baydin_steps_log10_lr_by_the_product_of_consecutive_plain_gradien
     """Through the training loop, with momentum and weight decay: log10 lr moves by
     +1e-3 * grad L(w_t) . grad L(w_{t-1}) (plain loss gradients, no chain-rule factor) after every
     step, against a replay with closed-form gradients of a linear model."""
-    learner = learner_for("Baydin", *BAYDIN_LINEAR, "hyperparameter_steps=30", "optimiser.lr=0.02")
+    learner = learner_for("Baydin", *BAYDIN_LINEAR, "network_weight_steps=1", "hyperparameter_steps=30",
+                          "optimiser.lr=0.02")
     theta = flat(learner.params).detach().clone()
     log10_lr, buffer = math.log10(0.02), None
     for _ in range(30):
@@ -329,7 +330,8 @@ def test_with_a_zero_hyper_step_every_algorithm_trains_like_random(algorithm, ru
     proportion = tuned.cfg.dataset.validation_proportion
     fixed = learner_for("Random", *common[:3], f"optimiser.name={rule}",
                         f"dataset.validation_proportion={proportion}",
-                        f"network_weight_steps={tuned.cfg.network_weight_steps}")
+                        f"network_weight_steps={tuned.cfg.network_weight_steps}",
+                        f"hyperparameter_steps={tuned.cfg.hyperparameter_steps}")     # Baydin: 60 windows of 1
     tuned.run(), fixed.run()
     assert tuned.steps_done == fixed.steps_done > 0
     for a, b in zip(tuned.params, fixed.params, strict=True):
