@@ -36,7 +36,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 import config
 import util
@@ -266,24 +265,30 @@ def after_break(pool: WorkerPool, running: dict[concurrent.futures.Future, Job],
     return failed, [job for job in running.values() if job not in deaths]
 
 
-def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_progress: bool = True) -> Counter:
+def tally(counts: Counter, running: int) -> str:
+    """'12 completed  1 failed  2 running': where a batch stands, for its progress lines."""
+    return "  ".join([*(f"{n} {status}" for status, n in counts.items() if n), f"{running} running"])
+
+
+def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_progress: bool = True,
+              name: str = "batch") -> Counter:
     """Run every unfinished job on a local pool of `workers` processes; returns the count of each
     final status (skipped for runs finished before). A job whose worker process dies is recorded
-    as failed, and the batch goes on in a fresh pool."""
+    as failed, and the batch goes on in a fresh pool. Progress: a bar on a terminal, else a line
+    at least every 30 s."""
     root = Path(root)
     todo, done = pending(jobs, root)
     counts = Counter(skipped=done)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    progress = tqdm(total=len(jobs), initial=done, unit="run", disable=not show_progress, dynamic_ncols=True)
+    progress = util.Progress(len(jobs), done, name, "run", enabled=show_progress)
+    running: dict[concurrent.futures.Future, Job] = {}
 
     def count(status: str) -> None:
         counts[status] += 1
-        progress.update()
-        progress.set_postfix(dict(counts), refresh=False)
+        progress.update(1, tally(counts, len(running)))
 
     queue: Iterator[Job] = iter(todo)
     pool = WorkerPool(workers)
-    running: dict[concurrent.futures.Future, Job] = {}
     stopping = False
     try:
         while True:
@@ -295,7 +300,10 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
                 running[pool.submit(job, root)] = job
             if not running:
                 break
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            finished, _ = concurrent.futures.wait(running, timeout=progress.every,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+            progress.status = tally(counts, len(running))
+            progress.tick()             # a line when due, even while every run takes long
             if any(isinstance(future.exception(), BrokenProcessPool) for future in finished):
                 failed, again = after_break(pool, running, root)
                 running.clear()
@@ -309,8 +317,7 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
     except KeyboardInterrupt:
         progress.write("stopping: waiting for the runs in progress to finish (Ctrl-C again to abandon them)")
         for future in concurrent.futures.as_completed(running):
-            counts[future.result()[0]] += 1
-            progress.update()
+            count(future.result()[0])
     finally:
         pool.close()
     progress.close()
@@ -357,7 +364,7 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     todo, done = pending(jobs, root)
     counts = Counter(skipped=done)
     remote_job = ray.remote(num_cpus=1)(run_job)
-    progress = tqdm(total=len(jobs), initial=done, unit="run", disable=not show_progress, dynamic_ncols=True)
+    progress = util.Progress(len(jobs), done, "batch on Ray", "run", enabled=show_progress)
     running = []
     for job in todo:
         if (root / "STOP").exists():
@@ -366,7 +373,7 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     while running:
         finished, running = ray.wait(running, num_returns=1)
         counts[ray.get(finished[0])[0]] += 1
-        progress.update()
+        progress.update(1, tally(counts, len(running)))
     progress.close()
     counts["not run"] = len(jobs) - sum(counts.values())
     return counts
@@ -534,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                 points = sensitivity(points)
         jobs = make_jobs(args.datasets, args.algorithms, points, tuple(args.overrides))
         if args.backend == "ray":
-            counts = run_batch_on_ray(jobs, args.log_root, args.ray_address, show_progress=sys.stderr.isatty())
+            counts = run_batch_on_ray(jobs, args.log_root, args.ray_address)
         else:
-            counts = run_batch(jobs, args.log_root, args.workers, show_progress=sys.stderr.isatty())
+            counts = run_batch(jobs, args.log_root, args.workers)
     except ConfigError as error:
         print(f"parallel_exec.py: error: {error}", file=sys.stderr)
         return 2

@@ -274,7 +274,7 @@ def list_experiments(results: Path, workers: int) -> None:
         runs = len(jobs) * (BAYESOPT_EVALUATIONS if experiment.runner == "bayesopt" else 1)
         seconds, missing = estimate(jobs, results, table["kinds"])
         seconds *= runs / len(jobs)
-        when = _duration(seconds / min(workers, runs)) if not missing else f"{missing} untimed"
+        when = util.duration(seconds / min(workers, runs)) if not missing else f"{missing} untimed"
         print(f"{name:<34}{runs:>8}{when:>14}   {experiment.description}", flush=True)
 
 
@@ -299,14 +299,6 @@ def _representatives(jobs: list[parallel_exec.Job]) -> list[parallel_exec.Job]:
     for job in jobs:
         first.setdefault(job.group, job)
     return list(first.values())
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -383,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         budgets = weight_step_budgets(jobs, args.results)
         print(f"{args.experiment}: {len(jobs)} runs; weight steps of every algorithm: "
               + ", ".join(f"{steps} on {where}" for where, steps in budgets.items()), flush=True)
-        counts = parallel_exec.run_batch(jobs, args.results, args.workers, show_progress=sys.stderr.isatty())
+        counts = parallel_exec.run_batch(jobs, args.results, args.workers, name=args.experiment)
         print(f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
         if counts["failed"]:
             return 1          # the batch went on; the exit code still says that runs failed

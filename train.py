@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import algorithms
 import config
@@ -99,35 +98,6 @@ def default_threads(model: nn.Module) -> int:
     machine), else this process's share of the cores."""
     small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
     return 1 if small else util.core_share()
-
-
-class Progress:
-    """Progress of a run: a tqdm bar on a terminal; elsewhere (a log file, nohup, a cluster job) one
-    line on stderr every `every` seconds, saying where the run is and when it should end."""
-
-    def __init__(self, total: int, initial: int, name: str, every: float = 30.0, enabled: bool = True):
-        self.total, self.done, self.name, self.every = total, initial, name, every
-        self.terminal = enabled and sys.stderr.isatty()
-        self.lines = enabled and not self.terminal
-        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.terminal, dynamic_ncols=True)
-        self.start = self.last_line = time.monotonic()
-        self.first = initial
-
-    def update(self, steps: int, loss: float, hyperparameters: dict[str, float]) -> None:
-        self.done += steps
-        self.bar.update(steps)
-        self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-        now = time.monotonic()
-        if self.lines and now - self.last_line >= self.every:
-            self.last_line = now
-            rate = (self.done - self.first) / max(now - self.start, 1e-9)
-            values = "  ".join(f"{tag.split('/')[1].lower()} {value:.3g}" for tag, value in hyperparameters.items()
-                               if tag.startswith("Hyperparameter/"))
-            print(f"{self.name}: step {self.done}/{self.total}  loss {loss:.4g}  {values}  {rate:.0f} steps/s  "
-                  f"{(self.total - self.done) / max(rate, 1e-9):.0f} s to go", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class Learner:
@@ -265,8 +235,8 @@ class Learner:
         cfg, T = self.cfg, self.cfg.network_weight_steps
         tracked = self.algorithm.tracked_steps
         start, seconds_before = time.perf_counter(), self.train_seconds
-        progress = Progress(cfg.total_weight_steps, self.steps_done, f"{cfg.algorithm} on {cfg.dataset.name}",
-                            enabled=self.show_progress)
+        progress = util.Progress(cfg.total_weight_steps, self.steps_done, self.name, "step",
+                                 enabled=self.show_progress)
         for h in range(self.windows_done, cfg.hyperparameter_steps):
             self._start_window(h)
             self._log_histograms(h)
@@ -293,13 +263,24 @@ class Learner:
             self.train_seconds = seconds_before + time.perf_counter() - start
             if self.after_window is not None:
                 self.after_window(self)
-            progress.update(T, last_loss, self._window_hyperparameters)
+            progress.update(T, self._status_line(last_loss))
             if asked_anywhere or (not self.context.active and self._stop_asked()):
                 self.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
                 break
+        if time.perf_counter() - start >= progress.every:       # long runs measure long splits: say so
+            progress.write(f"{self.name}: measuring the final weights on the whole splits")
         progress.close()
         self.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
+
+    @property
+    def name(self) -> str:
+        return f"{self.cfg.algorithm} on {self.cfg.dataset.name}"
+
+    def _status_line(self, loss: float) -> str:
+        values = "  ".join(f"{tag.split('/')[1].lower()} {value:.3g}"
+                           for tag, value in self._window_hyperparameters.items() if tag.startswith("Hyperparameter/"))
+        return f"loss {loss:.4g}  {values}"
 
     def _stop_asked(self) -> bool:
         return self.stop_requested is not None and bool(self.stop_requested())

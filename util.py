@@ -29,6 +29,7 @@ import torch
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from tqdm import tqdm
 
 from schema import ConfigError, short, short_repr
 
@@ -52,6 +53,72 @@ def run_command(main: Callable[[], int]) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # nothing more to flush at exit
         return 141
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+PROGRESS_EVERY = 30.0      # seconds between progress lines off a terminal
+
+
+def duration(seconds: float) -> str:
+    """A time span as people say it: 40 s, 12 min, 3.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def rate(per_second: float, unit: str) -> str:
+    """12 steps/s, or 4.5 s/step below one a second (never '0 steps/s')."""
+    if per_second >= 1:
+        return f"{per_second:.3g} {unit}s/s"
+    return f"{1 / per_second:.3g} s/{unit}" if per_second > 0 else ""
+
+
+class Progress:
+    """Progress of long work: a tqdm bar on a terminal; elsewhere (a log file, nohup, a cluster
+    job) one line on stderr at most every `every` seconds, saying how far the work is, how fast it
+    goes and when it should end. `tick` between updates keeps lines coming when units take long."""
+
+    def __init__(self, total: int, initial: int, name: str, unit: str, every: float | None = None,
+                 enabled: bool = True):
+        self.total, self.done, self.first = total, initial, initial
+        self.name, self.unit, self.status = name, unit, ""
+        self.every = PROGRESS_EVERY if every is None else every
+        self.terminal = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.terminal
+        self.bar = tqdm(total=total, initial=initial, unit=unit, disable=not self.terminal, dynamic_ncols=True)
+        self.start = self.last_line = time.monotonic()
+
+    def update(self, done: int, status: str = "") -> None:
+        self.done += done
+        self.status = status
+        self.bar.update(done)
+        self.bar.set_postfix_str(status, refresh=False)
+        self.tick()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.lines and now - self.last_line >= self.every:
+            self.last_line = now
+            self.write(self.line(now))
+
+    def line(self, now: float) -> str:
+        per_second = (self.done - self.first) / max(now - self.start, 1e-9)
+        to_go = f"{duration((self.total - self.done) / per_second)} to go" if per_second > 0 else ""
+        parts = (f"{self.name}: {self.unit} {self.done}/{self.total}", self.status, rate(per_second, self.unit), to_go)
+        return "  ".join(part for part in parts if part)
+
+    def write(self, text: str) -> None:
+        """A line of news (under the bar on a terminal); nothing when progress is not shown."""
+        if self.terminal:
+            self.bar.write(text, file=sys.stderr)
+        elif self.lines:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # -- threads ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 
 import parallel_exec
 import run_all
+import util
 from tests.conftest import REPO
 
 SHORT = ("hyperparameter_steps=5", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
@@ -254,3 +255,15 @@ def test_calibration_errors_are_one_line(tmp_path, capsys):
     assert run_all.main(["--list", "-l", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "no_such_key" in err[0] and "not a calibration table" in err[1]
+
+
+def test_a_batch_off_a_terminal_says_where_it_stands_while_runs_go_on(tmp_path, capsys, monkeypatch):
+    """Was silent for hours under nohup: the bar only drew on a terminal, and nothing was said
+    between two runs' ends."""
+    monkeypatch.setattr(util, "PROGRESS_EVERY", 0.2)
+    jobs = parallel_exec.make_jobs(["diabetes"], ["Random"], parallel_exec.natural_sgd(2, seed=0), SHORT)
+    counts = parallel_exec.run_batch(jobs, tmp_path, workers=1, name="quick look")
+    lines = capsys.readouterr().err.splitlines()
+    assert counts["completed"] == 2
+    assert any(line.startswith("quick look: run 0/2  1 running") for line in lines), lines    # before any end
+    assert any(line.startswith("quick look: run 1/2  1 completed  1 running") for line in lines), lines
