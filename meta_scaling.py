@@ -1,4 +1,4 @@
-"""Does meta-learning the dataset improve with more processes, at a fixed 500 outer steps?
+"""Does meta-learning the dataset improve with more processes, at a fixed number of outer steps?
 
     python meta_scaling.py [--world-sizes 1 2 4 8] [--seeds 5] [--out results/meta_scaling] [--set KEY=VALUE]
 
@@ -42,10 +42,15 @@ def run(world_size: int, seed: int, out: Path, overrides: list[str]) -> Path:
     return next(group.rglob("metrics.json")).parent
 
 
+def meta_settings(run_dir: Path) -> dict:
+    """The meta-learning settings a run used (its config.json's meta section)."""
+    return json.loads((run_dir / "config.json").read_text())["meta"]
+
+
 def adapted_boundaries(run_dir: Path, count: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The learned dataset, its labels, and `count` fresh classifiers (w1, w2, b) adapted to it."""
     saved = torch.load(run_dir / "learned_dataset.pt", weights_only=True)
-    config = json.loads((run_dir / "config.json").read_text())["meta"]
+    config = meta_settings(run_dir)
     module = meta_learning.learned_dataset_meta_module(
         len(saved["X"]), saved["X"].shape[1], config["inner_steps"], config["inner_lr"],
         torch.Generator().manual_seed(0), torch.Generator().manual_seed(12345), saved["X"].dtype)
@@ -55,6 +60,12 @@ def adapted_boundaries(run_dir: Path, count: int) -> tuple[torch.Tensor, torch.T
     module.eval()
     with torch.no_grad():
         return saved["X"], saved["Y"], [module() for _ in range(count)]
+
+
+def axis_texts(settings: dict) -> tuple[str, str]:
+    """The accuracy axis's label and the summary panel's title, from the runs' own settings."""
+    return (f"accuracy after {settings['inner_steps']} inner steps",
+            f"{settings['evaluation_tasks']} fresh classifiers,\n{settings['outer_steps']} outer steps")
 
 
 def figure(results: dict[int, list[tuple[int, float, Path]]], stem: Path) -> list[Path]:
@@ -84,8 +95,9 @@ def figure(results: dict[int, list[tuple[int, float, Path]]], stem: Path) -> lis
     ax.minorticks_off()
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("processes (tasks per outer step)", fontsize=8)
-    ax.set_ylabel("accuracy after 3 inner steps", fontsize=8)
-    ax.set_title("1000 fresh classifiers,\n500 outer steps", fontsize=8)
+    ylabel, title = axis_texts(meta_settings(results[sizes[0]][0][2]))     # every run of the study has the same
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths = [stem.with_suffix(suffix) for suffix in (".png", ".pdf")]

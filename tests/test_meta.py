@@ -10,6 +10,7 @@ from torch.func import grad
 
 import distributed
 import meta_learning
+import meta_scaling
 from tests.conftest import run_cli
 
 DTYPE = torch.float64
@@ -136,3 +137,6 @@ def test_scaling_command_writes_figure_and_table(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
     rows = (tmp_path / "results.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in rows[2:]] == ["1", "2"]
+    run_dir = next((tmp_path / "world1").rglob("config.json")).parent
+    assert meta_scaling.axis_texts(meta_scaling.meta_settings(run_dir)) == (      # was "500 outer steps" always
+        "accuracy after 3 inner steps", "20 fresh classifiers,\n20 outer steps")
