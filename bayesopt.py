@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.guided < 0:
             raise ConfigError(f"--guided {args.guided}: must be 0 or more (GP-proposed points after the uniform ones)")
         if args.cap is not None and not 0 < args.cap < math.inf:      # a NaN cap fails this too
-            raise ConfigError(f"--cap {args.cap}: must be a positive finite loss, worse than any a run reaches")
+            raise ConfigError(f"--cap {args.cap:g}: must be a positive finite loss, worse than any a run reaches")
         best = run_repetitions(args.dataset, args.log_root, args.repetitions, args.workers, args.cap,
                                args.initial, args.guided, tuple(args.overrides))
     except ConfigError as error:
