@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import multiprocessing
 import os
@@ -73,17 +72,15 @@ def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5
         point = propose(history, k, seed, initial)
         job = parallel_exec.Job(files, tuple(f"{key}={value!r}" for key, value in overrides_of(point, seed).items())
                                 + extra, "")
-        metrics_file = run_dir / "metrics.json"
         if parallel_exec.status_of(run_dir) in parallel_exec.FINISHED:
-            metrics = json.loads(metrics_file.read_text())
+            metrics = util.read_metrics(run_dir)
         else:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             _, metrics = train.train(job.config(folder), run_dir=run_dir)
         loss = objective(metrics)
         history.append((point, loss if math.isfinite(loss) else cap))
-    (folder / "history.json").write_text(json.dumps(
-        [{"point": point, "loss": loss} for point, loss in history], indent=2) + "\n")
+    util.write_json(folder / "history.json", [{"point": point, "loss": loss} for point, loss in history])
     return history
 
 
