@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """What the command line asks for; a ConfigError for anything a user must fix."""
+    if args.calibrate or not (args.list or args.parse):       # it writes below the results folder
+        util.check_output_folder(args.results, f"-l {args.results}", "choose another with -l DIR")
     if args.calibrate:
         names = [args.experiment] if args.experiment else list(EXPERIMENTS)
         path = calibrate_experiments(args.results, args.workers, names, tuple(args.overrides))

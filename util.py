@@ -309,9 +309,11 @@ def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -
     down-sampling), ordered by step; a step logged twice (by a killed run and again by its
     resumption) keeps the later value; a tag a run never logged is absent from its `scalars`.
     What a run's event files hold is cached beside them (`.tags_cache.npz`, no pickles) and read
-    again only when those files change (or the cache is unreadable). A run with a corrupt
-    config.json, metrics.json or event record is skipped with a line on stderr naming the file,
-    and listed in the answer's `skipped`. A missing folder raises FileNotFoundError.
+    again only when those files change (or the cache is unreadable; a read-only folder gets none).
+    A run with a corrupt config.json, metrics.json or event record (a config.json that is not a JSON
+    object, a metrics.json that is not what runs write: METRICS_SHAPE) is skipped with a line on
+    stderr naming the file, and listed in the answer's `skipped`. A missing folder raises
+    FileNotFoundError.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -384,9 +386,13 @@ def _shape_problems(data: Any, parts: list[str], kinds: type | tuple[type, ...],
         return
     head, below = parts[0], parts[1:]
     if head != "*" and head not in data and not optional:
-        yield f"no {'.'.join([*filter(None, [name]), head])!r}"
+        yield f"no {_dotted(name, head)!r}"
     for key in (data if head == "*" else [head] if head in data else []):
-        yield from _shape_problems(data[key], below, kinds, optional, f"{name}.{key}" if name else key)
+        yield from _shape_problems(data[key], below, kinds, optional, _dotted(name, key))
+
+
+def _dotted(name: str, key: str) -> str:
+    return f"{name}.{key}" if name else key
 
 
 def _json_kind(value: Any) -> str:

@@ -203,10 +203,11 @@ def test_paper_plots_with_out_naming_a_file_is_one_line(results, tmp_path):
     assert target.read_bytes() == b"precious"
 
 
-def test_parallel_exec_with_a_log_root_that_is_a_file_is_one_line(tmp_path):
+@pytest.mark.parametrize("command", [("parallel_exec.py", "-d", "diabetes", "-a", "Random"),
+                                     ("run_all.py", "uci_energy", "--reps", "1"), ("run_all.py", "--calibrate")])
+def test_a_log_root_that_is_a_file_is_one_line(tmp_path, command):
     target = victim(tmp_path)
-    one_line(run_cli("parallel_exec.py", "-l", str(target), "-d", "diabetes", "-a", "Random"), "parallel_exec.py",
-             f"-l {target}", "not a folder", "-l DIR")
+    one_line(run_cli(*command, "-l", str(target)), command[0], f"-l {target}", "not a folder", "-l DIR")
     assert target.read_bytes() == b"precious"
 
 
