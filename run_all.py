@@ -235,7 +235,7 @@ def read_calibration(path: Path) -> dict:
     try:
         return util.read_json_object(path, CALIBRATION_SHAPE)
     except util.UnreadableFile as error:
-        raise ConfigError(f"not a calibration table: {error}; delete it and run --calibrate again") from None
+        raise ConfigError(f"{error}; not a calibration table: delete it and run --calibrate again") from None
 
 
 def estimate(jobs: list[parallel_exec.Job], results: Path, kinds: dict) -> tuple[float, int]:
