@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import multiprocessing
 import os
@@ -73,17 +72,15 @@ def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5
         point = propose(history, k, seed, initial)
         job = parallel_exec.Job(files, tuple(f"{key}={value!r}" for key, value in overrides_of(point, seed).items())
                                 + extra, "")
-        metrics_file = run_dir / "metrics.json"
         if parallel_exec.status_of(run_dir) in parallel_exec.FINISHED:
-            metrics = json.loads(metrics_file.read_text())
+            metrics = util.read_metrics(run_dir)
         else:
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             _, metrics = train.train(job.config(folder), run_dir=run_dir)
         loss = objective(metrics)
         history.append((point, loss if math.isfinite(loss) else cap))
-    (folder / "history.json").write_text(json.dumps(
-        [{"point": point, "loss": loss} for point, loss in history], indent=2) + "\n")
+    util.write_json(folder / "history.json", [{"point": point, "loss": loss} for point, loss in history])
     return history
 
 
@@ -124,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (parallel_exec.CONFIGS / f"{args.dataset}.yaml").is_file():
             raise ConfigError(f"no config configs/{args.dataset}.yaml")
+        if args.guided < 0:
+            raise ConfigError(f"--guided {args.guided}: must be 0 or more (GP-proposed points after the uniform ones)")
+        if args.cap is not None and not 0 < args.cap < math.inf:      # a NaN cap fails this too
+            raise ConfigError(f"--cap {args.cap:g}: must be a positive finite loss, worse than any a run reaches")
         best = run_repetitions(args.dataset, args.log_root, args.repetitions, args.workers, args.cap,
                                args.initial, args.guided, tuple(args.overrides))
     except ConfigError as error:

@@ -7,12 +7,14 @@ of the statistics and counted.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -198,13 +200,15 @@ def outside_legend(axes: plt.Axes) -> None:
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, frameon=False)
 
 
-def save(figure: plt.Figure, path: Path) -> list[Path]:
-    """Write `path` as PNG and PDF (cropped to what is drawn, legends outside the axes included);
-    returns both paths."""
+def save(figure: plt.Figure, path: Path, **options: Any) -> list[Path]:
+    """Write `path` as PNG and PDF (by default cropped to what is drawn, legends outside the axes
+    included; `options` are savefig's), each atomically: a link planted at either name is replaced,
+    not followed. Returns both paths."""
+    options = {"dpi": 150, "bbox_inches": "tight"} | options
     written = []
     for suffix in (".png", ".pdf"):
         target = path.with_suffix(suffix)
-        figure.savefig(target, dpi=150, bbox_inches="tight")
+        util.atomic_write(target, functools.partial(figure.savefig, format=suffix[1:], **options))
         written.append(target)
     plt.close(figure)
     return written

@@ -22,6 +22,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import figures  # noqa: E402
 import meta_learning  # noqa: E402
 import util  # noqa: E402
 
@@ -100,11 +101,7 @@ def figure(results: dict[int, list[tuple[int, float, Path]]], stem: Path) -> lis
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths = [stem.with_suffix(suffix) for suffix in (".png", ".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return paths
+    return figures.save(fig, stem, dpi=130, bbox_inches=None)
 
 
 def table(results: dict[int, list[tuple[int, float, Path]]]) -> str:
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"world size {size}, seed {seed}: accuracy {accuracy:.3f}", flush=True)
     figure(results, args.out / "figure")
     summary = table(results)
-    (args.out / "results.md").write_text(summary + "\n")
+    util.write_text(args.out / "results.md", summary + "\n")
     print(f"\n{summary}\n\nwrote {args.out / 'figure.png'}, {args.out / 'figure.pdf'}, {args.out / 'results.md'}")
     return 0
 

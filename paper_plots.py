@@ -25,6 +25,7 @@ import numpy as np
 
 import figures
 import util
+from schema import ConfigError
 
 ERROR_FLOOR = 1e-7        # relative errors drawn on a log scale: exact agreement shows at this floor
 LR = "Last_Hyperparameter/Lr"
@@ -72,17 +73,51 @@ class Report:
         if self.skipped:
             lines += ["## Not made", "\n".join(self.skipped)]
         path = self.out / "report.md"
-        path.write_text("\n\n".join(lines) + "\n")
+        util.write_text(path, "\n\n".join(lines) + "\n")
         return path
+
+
+FINISHED = ("completed", "diverged")
+HPO = "hyperparameter_optimisation"
+# What the tables and figures read of a finished run's files, by its task.
+CONFIG_SHAPES = {HPO: {"dataset.name": str, "algorithm": str, "seed": util.SEED, "hyperparameter_steps": int,
+                       "optimiser.lr": util.NUMBER, "optimiser.weight_decay": util.NUMBER},
+                 "meta_dataset": {"seed": util.SEED}}
+METRICS_SHAPES = {HPO: {"final": dict}, "meta_dataset": {"final": dict, "world_size": int}}
+
+
+def readable_runs(runs: util.Runs, report: Report) -> dict[str, util.Run]:
+    """The runs whose files hold what the figures read. A finished run whose config.json or
+    metrics.json does not is skipped, with a line on stderr naming the file; it and the runs
+    get_tags could not read are listed in the report."""
+    for run_dir, reason in runs.skipped:
+        report.skip(f"the run {run_dir}", reason)
+    kept = {}
+    for name, run in runs.items():
+        try:
+            check_finished_run(run)
+            kept[name] = run
+        except util.UnreadableFile as error:
+            print(f"paper_plots.py: skipped the run {run.path}: {error}", file=sys.stderr)
+            report.skip(f"the run {run.path}", str(error))
+    return kept
+
+
+def check_finished_run(run: util.Run) -> None:
+    """UnreadableFile naming the file unless a finished run's files hold what its task's figures read."""
+    if run.metrics.get("status") not in FINISHED:
+        return
+    util.require_shape(run.config, {"task?": str}, run.path / "config.json")
+    task = run.config.get("task", HPO)
+    util.require_shape(run.config, CONFIG_SHAPES.get(task, {}), run.path / "config.json")
+    util.require_shape(run.metrics, METRICS_SHAPES.get(task, {}), run.path / "metrics.json")
 
 
 def group_runs(runs: dict[str, util.Run]) -> dict[tuple[str, str], list[util.Run]]:
     """{(experiment, dataset): runs} of the finished hyperparameter-optimisation runs."""
     groups: dict[tuple[str, str], list[util.Run]] = {}
     for name, run in runs.items():
-        if run.config.get("task", "hyperparameter_optimisation") != "hyperparameter_optimisation":
-            continue
-        if run.metrics.get("status") not in ("completed", "diverged"):
+        if run.config.get("task", HPO) != HPO or run.metrics.get("status") not in FINISHED:
             continue
         parts = Path(name).parts
         experiment = parts[0] if len(parts) >= 4 else "runs"
@@ -150,7 +185,7 @@ def results_table(report: Report, prefix: str, title: str, label: str, finals: d
     row that lacks a statistic, saying why."""
     summaries = {algorithm: figures.summarise(values) for algorithm, values in finals.items()}
     header, rows, latex = figures.results_table(summaries)
-    (report.out / f"{prefix}_table.tex").write_text("\n".join(latex) + "\n")
+    util.write_text(report.out / f"{prefix}_table.tex", "\n".join(latex) + "\n")
     notes = [figures.three_batched_note(validation_runs)] if "Random_3Batched" in finals else []
     for name, summary in summaries.items():
         total = summary.runs + summary.diverged
@@ -345,11 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paper_plots.py: error: {args.results}: no such folder", file=sys.stderr)
         return 2
     out = args.out or args.results / "paper"
+    try:
+        util.check_output_folder(out, f"--out {out}" if args.out else f"the output folder {out}",
+                                 "choose another with --out DIR")
+    except ConfigError as error:
+        print(f"paper_plots.py: error: {error}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
-    runs = util.get_tags(args.results)
-    for run_dir, reason in runs.skipped:          # unreadable files: said on stderr, listed in the report
-        report.skip(f"the run {run_dir}", reason)
+    runs = readable_runs(util.get_tags(args.results), report)
     groups = group_runs(runs)
     if not groups:
         report.skip("everything", f"no finished hyperparameter-optimisation runs below {args.results}")

@@ -74,10 +74,11 @@ def config_hash(values: dict) -> str:
 
 
 def status_of(run_dir: Path) -> str | None:
-    """completed / diverged / failed for a run that got that far, else None (never ran, or killed)."""
+    """completed / diverged / failed for a run that got that far, else None (never ran, killed, or
+    its metrics.json is damaged: it runs again)."""
     try:
-        return json.loads((run_dir / "metrics.json").read_text())["status"]
-    except (OSError, ValueError, KeyError):
+        return util.read_metrics(run_dir).get("status")
+    except util.UnreadableFile:
         return None
 
 
@@ -96,15 +97,25 @@ def natural_sgd(count: int, seed: int, log10_lr: tuple[float, float] = LOG10_LR,
              "seed": int(rng.integers(2**31))} for _ in range(count)]
 
 
+REPLAYED = {"optimiser.lr": util.NUMBER, "optimiser.weight_decay": util.NUMBER, "optimiser.momentum": util.NUMBER,
+            "seed": util.SEED}
+
+
 def replay(folder: Path, algorithm: str | None = None) -> list[dict]:
-    """The initialisations of the runs below `folder` (of one algorithm, if named), each once."""
-    keys = ("optimiser.lr", "optimiser.weight_decay", "optimiser.momentum", "seed")
+    """The initialisations of the runs below `folder` (of one algorithm, if named), each once. A run
+    that failed before its config was merged (no algorithm) has none; a damaged config.json is an
+    UnreadableFile (replaying around it would silently drop an initialisation)."""
     points = {}
     for config_file in sorted(Path(folder).rglob("config.json")):
-        values = json.loads(config_file.read_text())
-        if "algorithm" in values and (algorithm is None or values["algorithm"] == algorithm):
-            point = {key: _lookup(values, key) for key in keys}
-            points[json.dumps(point, sort_keys=True)] = point
+        try:
+            values = util.read_json_object(config_file, {"algorithm?": str})
+            if "algorithm" not in values or algorithm not in (None, values["algorithm"]):
+                continue
+            util.require_shape(values, REPLAYED, config_file)
+        except util.UnreadableFile as error:
+            raise util.UnreadableFile(f"--source {folder}: {error}; repair or delete that run") from None
+        point = {key: _lookup(values, key) for key in REPLAYED}
+        points[json.dumps(point, sort_keys=True)] = point
     if not points:
         raise ConfigError(f"--source {folder}: no runs to replay there")
     return list(points.values())
@@ -526,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override for every run, as train.py's --set; repeatable")
     args = parser.parse_args(argv)
     try:
+        util.check_output_folder(args.log_root, f"-l {args.log_root}", "choose another with -l DIR")
         for name in args.datasets + args.algorithms:
             if not (CONFIGS / f"{name}.yaml").is_file():
                 raise ConfigError(f"no config configs/{name}.yaml")
@@ -544,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = run_batch_on_ray(jobs, args.log_root, args.ray_address)
         else:
             counts = run_batch(jobs, args.log_root, args.workers)
-    except ConfigError as error:
+    except (ConfigError, util.UnreadableFile) as error:     # a bad flag, or a damaged file it names
         print(f"parallel_exec.py: error: {error}", file=sys.stderr)
         return 2
     print(summary(counts, args.log_root))

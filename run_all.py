@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -226,14 +225,17 @@ def load_calibration(results: Path) -> tuple[dict, Path | None]:
     return {"machine": None, "kinds": {}}, None
 
 
+# What --list reads of a calibration table (calibrate_experiments writes it).
+CALIBRATION_SHAPE = {"machine.date": str, "machine.cpu": str, "machine.cores": int, "machine.load": util.NUMBER,
+                     "machine.workers": int, "kinds": dict, "kinds.*.setup_seconds": util.NUMBER,
+                     "kinds.*.seconds_per_step": util.NUMBER}
+
+
 def read_calibration(path: Path) -> dict:
     try:
-        table = json.loads(path.read_text())
-        if isinstance(table, dict) and isinstance(table.get("kinds"), dict) and "machine" in table:
-            return table
-    except (OSError, ValueError):
-        pass
-    raise ConfigError(f"{path}: not a calibration table; delete it and run --calibrate again")
+        return util.read_json_object(path, CALIBRATION_SHAPE)
+    except util.UnreadableFile as error:
+        raise ConfigError(f"{error}; not a calibration table: delete it and run --calibrate again") from None
 
 
 def estimate(jobs: list[parallel_exec.Job], results: Path, kinds: dict) -> tuple[float, int]:
@@ -304,12 +306,19 @@ def _representatives(jobs: list[parallel_exec.Job]) -> list[parallel_exec.Job]:
 # -------------------------------------------------------------------------------------------------
 
 def parse_results(results: Path) -> dict[str, Counter]:
-    """{group: Counter of run statuses} for every run below `results` (unfinished runs included)."""
+    """{group: Counter of run statuses} for every run below `results` (unfinished runs included; a
+    run whose metrics.json is damaged counted as unreadable, with a line on stderr naming it)."""
+    if not results.is_dir():
+        raise ConfigError(f"--parse {results}: no such folder; name a results folder (e.g. runs/paper)")
     groups: dict[str, Counter] = {}
-    for config_file in sorted(Path(results).rglob("config.json")):
+    for config_file in sorted(results.rglob("config.json")):
         run_dir = config_file.parent
-        group = str(run_dir.parent.relative_to(results))
-        groups.setdefault(group, Counter())[parallel_exec.status_of(run_dir) or "unfinished"] += 1
+        try:
+            status = util.read_metrics(run_dir).get("status", "unfinished")
+        except util.UnreadableFile as error:
+            print(f"run_all.py: skipped the run {run_dir}: {error}", file=sys.stderr)
+            status = "unreadable"
+        groups.setdefault(str(run_dir.parent.relative_to(results)), Counter())[status] += 1
     return groups
 
 
@@ -318,7 +327,7 @@ def print_results(results: Path) -> None:
     if not groups:
         print(f"no runs below {results}")
         return
-    statuses = ("completed", "diverged", "failed", "unfinished")
+    statuses = ("completed", "diverged", "failed", "unfinished", "unreadable")
     print(f"{'group':<60}" + "".join(f"{status:>12}" for status in statuses))
     for group, counts in groups.items():
         print(f"{group:<60}" + "".join(f"{counts[status]:>12}" for status in statuses))
@@ -347,13 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("name an experiment, or use --list, --calibrate or --parse")
     try:
         return run(args)
-    except ConfigError as error:
+    except (ConfigError, util.UnreadableFile) as error:     # a bad flag, or a damaged file it names
         print(f"run_all.py: error: {error}", file=sys.stderr)
         return 2
 
 
 def run(args: argparse.Namespace) -> int:
     """What the command line asks for; a ConfigError for anything a user must fix."""
+    if args.calibrate or not (args.list or args.parse):       # it writes below the results folder
+        util.check_output_folder(args.results, f"-l {args.results}", "choose another with -l DIR")
     if args.calibrate:
         names = [args.experiment] if args.experiment else list(EXPERIMENTS)
         path = calibrate_experiments(args.results, args.workers, names, tuple(args.overrides))

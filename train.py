@@ -509,11 +509,7 @@ def save_checkpoint(path: str, learner: Learner, run_dir: Path | None, context: 
 
 def check_outputs(cfg: Config, save_state: str | None) -> None:
     """Refuse, before anything runs, a log root or checkpoint file that cannot be written."""
-    root = Path(cfg.log_root)
-    existing = next(folder for folder in (root, *root.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "not a folder" if not existing.is_dir() else "not writable"
-        raise ConfigError(f"log_root = {cfg.log_root}: {existing} is {problem}; choose another with -l DIR")
+    util.check_output_folder(Path(cfg.log_root), f"log_root = {cfg.log_root}", "choose another with -l DIR")
     if save_state:
         target = Path(save_state)
         if target.is_dir():

@@ -6,6 +6,7 @@ time) and TensorBoard event files whose steps are global weight-step indices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -170,9 +171,22 @@ def _refuse_escape(log_root: str, group: str, name: str | None) -> None:
         raise ConfigError(f"run_name {short_repr(name)} is not a name: it would make a path")
 
 
+def check_output_folder(folder: Path, named: str, fix: str) -> None:
+    """ConfigError "`named`: <why>; `fix`" unless files can be written below `folder`: the nearest
+    existing folder of its path must be a writable folder."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a folder" if not existing.is_dir() else "read-only"
+        raise ConfigError(f"{named}: {existing} is {problem}; {fix}")
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename), so readers never see half a file."""
-    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (see atomic_write)."""
     atomic_write(Path(path), lambda file: file.write(text.encode()))
 
 
@@ -373,9 +387,11 @@ def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -
     down-sampling), ordered by step; a step logged twice (by a killed run and again by its
     resumption) keeps the later value; a tag a run never logged is absent from its `scalars`.
     What a run's event files hold is cached beside them (`.tags_cache.npz`, no pickles) and read
-    again only when those files change (or the cache is unreadable). A run with a corrupt
-    config.json, metrics.json or event record is skipped with a line on stderr naming the file,
-    and listed in the answer's `skipped`. A missing folder raises FileNotFoundError.
+    again only when those files change (or the cache is unreadable; a read-only folder gets none).
+    A run with a corrupt config.json, metrics.json or event record (a config.json that is not a JSON
+    object, a metrics.json that is not what runs write: METRICS_SHAPE) is skipped with a line on
+    stderr naming the file, and listed in the answer's `skipped`. A missing folder raises
+    FileNotFoundError.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -393,18 +409,76 @@ def get_tags(directory: str | os.PathLike, *tags: str, use_cache: bool = True) -
 def read_run(path: Path, tags: tuple[str, ...] = (), use_cache: bool = True) -> Run:
     """One run directory (only the scalar `tags` named, if any); UnreadableFile if a file is corrupt."""
     scalars, histograms = read_run_events(path, use_cache)
-    metrics_file = path / "metrics.json"
-    return Run(path=path, config=_read_json(path / "config.json"),
-               metrics=_read_json(metrics_file) if metrics_file.is_file() else {},
+    return Run(path=path, config=read_json_object(path / "config.json"), metrics=read_metrics(path),
                scalars={tag: scalar for tag, scalar in scalars.items() if not tags or tag in tags},
                histograms=histograms)
 
 
-def _read_json(path: Path) -> Any:
+NUMBER = (int, float)
+SEED = (int, type(None))          # null: one is drawn
+# What every writer of metrics.json (a finished, failed or interrupted run) puts there.
+METRICS_SHAPE = {"status": str, "final?": dict, "final.*?": (*NUMBER, type(None)), "train_seconds?": NUMBER}
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """A run's metrics.json ({} while it has none); UnreadableFile if it is not what runs write."""
+    path = run_dir / "metrics.json"
+    return read_json_object(path, METRICS_SHAPE) if path.exists() else {}
+
+
+def read_json_object(path: Path, shape: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """The JSON object in `path`, with values of the types `shape` gives ({dotted key: types}; a key
+    ending in '?' may be absent, a '*' stands for every member of an object); UnreadableFile naming
+    the file and what is wrong with it otherwise."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise UnreadableFile(f"{path}: cannot be read ({error.strerror or error})") from None
     except ValueError as error:           # JSONDecodeError, UnicodeDecodeError
         raise UnreadableFile(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise UnreadableFile(f"{path}: holds {_json_kind(data)}, not a JSON object")
+    require_shape(data, shape or {}, path)
+    return data
+
+
+def require_shape(data: dict, shape: dict[str, type | tuple[type, ...]], path: Path) -> None:
+    """UnreadableFile naming `path` unless `data`, read from it, fits `shape` (see read_json_object)."""
+    for key, kinds in shape.items():
+        optional = key.endswith("?")
+        for problem in _shape_problems(data, key.removesuffix("?").split("."), kinds, optional):
+            raise UnreadableFile(f"{path}: {problem}")
+
+
+def _shape_problems(data: Any, parts: list[str], kinds: type | tuple[type, ...], optional: bool,
+                    name: str = "") -> Iterator[str]:
+    """What keeps `data` at the key path `parts` (below `name`) from holding `kinds`."""
+    if not parts:
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not isinstance(data, kinds) or (isinstance(data, bool) and bool not in kinds):   # JSON true is no number
+            expected = [_json_kind(kind) for kind in kinds if not (kind is int and float in kinds)]
+            yield f"{name!r} is {_json_kind(data)}, not {' or '.join(expected)}"
+        return
+    if not isinstance(data, dict):
+        yield f"{name!r} is {_json_kind(data)}, not {_json_kind(dict)}"
+        return
+    head, below = parts[0], parts[1:]
+    if head != "*" and head not in data and not optional:
+        yield f"no {_dotted(name, head)!r}"
+    for key in (data if head == "*" else [head] if head in data else []):
+        yield from _shape_problems(data[key], below, kinds, optional, _dotted(name, key))
+
+
+def _dotted(name: str, key: str) -> str:
+    return f"{name}.{key}" if name else key
+
+
+def _json_kind(value: Any) -> str:
+    """What JSON calls a value (or a type of value): 'an object', 'a string', ..."""
+    kind = value if isinstance(value, type) else type(value)
+    names = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+             bool: "true or false", type(None): "null"}
+    return names.get(kind, kind.__name__)
 
 
 def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
@@ -418,12 +492,9 @@ def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Sc
             return cached
     scalars, histograms = _parse_event_files(files)
     if use_cache:
-        try:
-            temporary = run_dir / f"{CACHE_NAME}.{os.getpid()}.tmp.npz"
-            np.savez(temporary, signature=np.array(signature), **_to_archive(scalars, histograms))
-            os.replace(temporary, cache)
-        except OSError:             # a read-only results folder: no cache, same answer
-            pass
+        arrays = {"signature": np.array(signature), **_to_archive(scalars, histograms)}
+        with contextlib.suppress(OSError):         # a read-only results folder: no cache, same answer
+            atomic_write(cache, lambda file: np.savez(file, **arrays))
     return scalars, histograms
 
 
