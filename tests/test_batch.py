@@ -261,7 +261,9 @@ def test_a_batch_off_a_terminal_says_where_it_stands_while_runs_go_on(tmp_path, 
     """Was silent for hours under nohup: the bar only drew on a terminal, and nothing was said
     between two runs' ends."""
     monkeypatch.setattr(util, "PROGRESS_EVERY", 0.2)
-    jobs = parallel_exec.make_jobs(["diabetes"], ["Random"], parallel_exec.natural_sgd(2, seed=0), SHORT)
+    first, second = parallel_exec.natural_sgd(2, seed=0)
+    jobs = parallel_exec.make_jobs(["diabetes"], ["Random"], [first], SHORT) + parallel_exec.make_jobs(
+        ["diabetes"], ["Random"], [second], (*SHORT, "hyperparameter_steps=400"))    # seconds: lines while it runs
     counts = parallel_exec.run_batch(jobs, tmp_path, workers=1, name="quick look")
     lines = capsys.readouterr().err.splitlines()
     assert counts["completed"] == 2
