@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import config
+import results_table
 import util
 from config import ConfigError
 
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, util.UnreadableFile) as error:     # a bad flag, or a damaged file it names
         print(f"parallel_exec.py: error: {error}", file=sys.stderr)
         return 2
-    print(summary(counts, args.log_root))
+    print(f"\n{results_table.render(args.log_root, 'parallel_exec.py')}\n\n{summary(counts, args.log_root)}")
     return 1 if counts["failed"] else 0
 
 

@@ -20,12 +20,12 @@ import contextlib
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import config
 import parallel_exec
+import results_table
 import util
 from config import ConfigError
 
@@ -305,32 +305,11 @@ def _representatives(jobs: list[parallel_exec.Job]) -> list[parallel_exec.Job]:
 
 # -------------------------------------------------------------------------------------------------
 
-def parse_results(results: Path) -> dict[str, Counter]:
-    """{group: Counter of run statuses} for every run below `results` (unfinished runs included; a
-    run whose metrics.json is damaged counted as unreadable, with a line on stderr naming it)."""
+def print_results(results: Path) -> None:
+    """The results table of a results folder (results.py), or a line saying it holds no runs."""
     if not results.is_dir():
         raise ConfigError(f"--parse {results}: no such folder; name a results folder (e.g. runs/paper)")
-    groups: dict[str, Counter] = {}
-    for config_file in sorted(results.rglob("config.json")):
-        run_dir = config_file.parent
-        try:
-            status = util.read_metrics(run_dir).get("status", "unfinished")
-        except util.UnreadableFile as error:
-            print(f"run_all.py: skipped the run {run_dir}: {error}", file=sys.stderr)
-            status = "unreadable"
-        groups.setdefault(str(run_dir.parent.relative_to(results)), Counter())[status] += 1
-    return groups
-
-
-def print_results(results: Path) -> None:
-    groups = parse_results(results)
-    if not groups:
-        print(f"no runs below {results}")
-        return
-    statuses = ("completed", "diverged", "failed", "unfinished", "unreadable")
-    print(f"{'group':<60}" + "".join(f"{status:>12}" for status in statuses))
-    for group, counts in groups.items():
-        print(f"{group:<60}" + "".join(f"{counts[status]:>12}" for status in statuses))
+    print(results_table.render(results, "run_all.py") or f"no runs below {results}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,7 +366,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.experiment}: {len(jobs)} runs; weight steps of every algorithm: "
               + ", ".join(f"{steps} on {where}" for where, steps in budgets.items()), flush=True)
         counts = parallel_exec.run_batch(jobs, args.results, args.workers, name=args.experiment)
-        print(f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
+        print(f"\n{results_table.render(args.results / args.experiment, 'run_all.py')}\n\n"
+              f"{args.experiment}: {parallel_exec.summary(counts, args.results / args.experiment)}")
         if counts["failed"]:
             return 1          # the batch went on; the exit code still says that runs failed
     else:

@@ -335,6 +335,7 @@ class Learner:
         return {
             "status": self.status,
             "weight_steps": self.steps_done,
+            "weight_step_budget": self.cfg.weight_step_budget,     # what every algorithm compared trains for
             "train_seconds": self.train_seconds,
             "segments": self.segments,
             "final": {tag: util.finite_or_none(value)

@@ -417,7 +417,8 @@ def read_run(path: Path, tags: tuple[str, ...] = (), use_cache: bool = True) -> 
 NUMBER = (int, float)
 SEED = (int, type(None))          # null: one is drawn
 # What every writer of metrics.json (a finished, failed or interrupted run) puts there.
-METRICS_SHAPE = {"status": str, "final?": dict, "final.*?": (*NUMBER, type(None)), "train_seconds?": NUMBER}
+METRICS_SHAPE = {"status": str, "final?": dict, "final.*?": (*NUMBER, type(None)), "train_seconds?": NUMBER,
+                 "weight_steps?": int, "weight_step_budget?": int}
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -144,6 +144,17 @@ ANALYSIS_MUTATIONS: tuple[Mutation, ...] = (
              (f"{ANALYSIS}::test_the_logged_per_element_lr_is_the_mean_over_every_element",)),
 )
 
+ANALYSIS_MUTATIONS += (
+    Mutation("best_run_on_test", "the results table's best run picked on its test loss, not its validation loss",
+             "results_table.py", (("SELECTION_TAGS = ((\"Loss/Validation\", \"validation\")",
+                                   "SELECTION_TAGS = ((\"Loss/Test\", \"validation\")"),),
+             ("tests/test_results_table.py",)),
+    Mutation("table_median_of_all_runs", "the results table's median taken over every run, not the completed ones",
+             "results_table.py", (("        if status != \"completed\" or test is None:",
+                                   "        if test is None:"),),
+             ("tests/test_results_table.py",)),
+)
+
 MUTATIONS = MUTATIONS + MEASUREMENT_MUTATIONS + ANALYSIS_MUTATIONS
 
 

@@ -1,0 +1,151 @@
+"""A results folder at a glance: for every group of runs (dataset, algorithm and setting), how many
+ran and how they ended, the weight steps they trained for, the median final test loss with its
+spread, and the best run (by final validation loss) with its hyperparameters and directory.
+
+`run_all.py` prints this table at the end of a batch and for `--parse DIR`; `parallel_exec.py` at
+the end of a batch. It reads only each run's config.json and metrics.json (no event files), so it
+answers in seconds for thousands of runs.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import util
+
+STATUSES = ("completed", "diverged", "interrupted", "failed", "unfinished", "unreadable")   # the order shown
+# The paper's number: the test loss in target units where the targets were normalised (UCI).
+TEST_TAGS = ("Unnormalised_Loss/Test", "Loss/Test")
+# The best run is chosen on what a user may look at: validation, else (no validation split) training.
+SELECTION_TAGS = (("Loss/Validation", "validation"), ("Loss/Training", "training"))
+
+# The paper's names for the algorithm configs (config names elsewhere stay as they are).
+PAPER_NAMES = {
+    "Random_SteppedLR": "Random ×LR", "Random_3Batched": "Random (3-batched)",
+    "Random_Validation": "Random (full validation)", "Random_TrainingSetOnly": "Random (training set only)",
+    "Baydin_Exact": "Baydin (exact)", "Ours_LR": "Ours (WD+LR)", "Ours_LR_Momentum": "Ours (WD+LR+M)",
+    "Ours_HDLR_Momentum": "Ours (WD+HDLR+M)", "DiffThroughOpt": "Diff-through-Opt",
+    "LongDiffThroughOpt_UCI_Standalone": "Long Diff-through-Opt",
+    "LongDiffThroughOpt_UCI_Full": "Full Diff-through-Opt",
+    "LongDiffThroughOpt_FashionMNIST_Standalone": "Long Diff-through-Opt",
+    "LongDiffThroughOpt_FashionMNIST_Medium": "Medium Diff-through-Opt",
+}
+
+
+def paper_name(algorithm: str) -> str:
+    """The name the paper gives an algorithm config (the config's own name when it gives none)."""
+    return PAPER_NAMES.get(algorithm, algorithm)
+
+
+@dataclass
+class Best:
+    selected_on: str         # validation or training
+    selection: float
+    test: float
+    hyperparameters: dict[str, float]
+    run_dir: Path
+
+
+@dataclass
+class Group:
+    """The runs of one folder below the results folder."""
+    statuses: Counter = field(default_factory=Counter)
+    budgets: set[int] = field(default_factory=set)
+    tests: list[float] = field(default_factory=list)     # final test losses of the completed runs
+    best: Best | None = None
+
+    def add(self, run_dir: Path, metrics: dict, budget: int | None) -> None:
+        status = metrics.get("status", "unfinished")
+        self.statuses[status] += 1
+        if budget is not None:
+            self.budgets.add(budget)
+        final = metrics.get("final") or {}
+        test = _first(final, TEST_TAGS)
+        if status != "completed" or test is None:
+            return
+        self.tests.append(test)
+        for tag, name in SELECTION_TAGS:
+            value = final.get(tag)
+            if value is not None and math.isfinite(value):
+                candidate = Best(name, value, test, {key.split("/", 1)[1]: value for key, value in final.items()
+                                                     if key.startswith("Hyperparameter/") and value is not None},
+                                 run_dir)
+                if self.best is None or (candidate.selected_on, candidate.selection) < (self.best.selected_on,
+                                                                                        self.best.selection):
+                    self.best = candidate
+                return
+
+
+def _first(final: dict, tags: tuple[str, ...]) -> float | None:
+    return next((final[tag] for tag in tags if final.get(tag) is not None), None)
+
+
+def collect(results: Path, prog: str) -> dict[tuple[str, str], Group]:
+    """{(block, algorithm): its runs}, a block being the group folder relative to `results` without
+    its algorithm's part (so that the algorithms of one dataset and setting share it). A run whose
+    config.json or metrics.json is damaged counts as unreadable, with a line on stderr naming it."""
+    groups: dict[tuple[str, str], Group] = {}
+    for config_file in sorted(results.rglob("config.json")):
+        run_dir = config_file.parent
+        folders = run_dir.parent.relative_to(results).parts
+        try:
+            algorithm = util.read_json_object(config_file, {"algorithm": str})["algorithm"]
+            metrics = util.read_metrics(run_dir)
+        except util.UnreadableFile as error:
+            print(f"{prog}: skipped the run {run_dir}: {error}", file=sys.stderr)
+            algorithm = folders[-1] if folders else "?"
+            metrics = {"status": "unreadable"}
+        block = "/".join(folder for folder in folders if folder != algorithm) or "."
+        budget = metrics.get("weight_step_budget", metrics.get("weight_steps"))
+        groups.setdefault((block, algorithm), Group()).add(run_dir, metrics, budget)
+    return groups
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _hyperparameters(values: dict[str, float]) -> str:
+    return "  ".join(f"{name.lower()} {value:.3g}" for name, value in values.items()) or "-"
+
+
+def row(name: str, group: Group) -> list[str]:
+    counts = group.statuses
+    shown = sorted(counts, key=lambda status: STATUSES.index(status) if status in STATUSES else len(STATUSES))
+    others = ", ".join(f"{counts[status]} {status}" for status in shown if status != "completed")
+    steps = "/".join(str(steps) for steps in sorted(group.budgets)) or "-"
+    cells = [name, f"{counts['completed']} of {sum(counts.values())}", others or "-", steps]
+    if group.tests:
+        low, median, high = np.percentile(group.tests, [25, 50, 75])
+        cells += [_number(median), f"{_number(low)} – {_number(high)}"]
+    else:
+        cells += ["-", "-"]
+    best = group.best
+    if best is None:
+        return cells + ["-", "-", "-"]
+    where = "" if best.selected_on == "validation" else " (on training loss)"
+    return cells + [_number(best.test) + where, _hyperparameters(best.hyperparameters), str(best.run_dir)]
+
+
+HEADER = ["completed", "not completed", "weight steps", "median test loss", "25–75 %", "best run: test loss",
+          "its final hyperparameters", "its directory"]
+
+
+def render(results: Path, prog: str) -> str:
+    """The results table of every run below `results`, one block per dataset and setting (its
+    algorithms as rows, by their paper names), aligned for a terminal or a log; '' with no runs."""
+    blocks: dict[str, list[list[str]]] = {}
+    for (block, algorithm), group in collect(results, prog).items():
+        blocks.setdefault(block, []).append(row(paper_name(algorithm), group))
+    return "\n\n".join(_aligned([f"{block}:", *HEADER], rows) for block, rows in blocks.items())
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in [header, *rows])
