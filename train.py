@@ -11,6 +11,7 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -532,6 +533,11 @@ def _counters(state: object, name: str) -> Iterator[str]:
         yield name
 
 
+def edited(path: str, problem: str) -> ConfigError:
+    """The one line for a checkpoint whose `problem` no run of train.py could have written."""
+    return ConfigError(f"-s {path}: {problem}; the checkpoint is damaged or edited: re-create it with -S FILE")
+
+
 def check_bookkeeping(path: str, checkpoint: dict) -> None:
     """Each bookkeeping field of a checkpoint, and every counter in its states, of its type and range:
     an edited or damaged one would otherwise resume into nonsense or fail mid-run."""
@@ -543,8 +549,7 @@ def check_bookkeeping(path: str, checkpoint: dict) -> None:
         value = _field(checkpoint, name)
         if value is _ABSENT or not check(value):
             found = "missing" if value is _ABSENT else schema.short_repr(value)
-            raise ConfigError(f"-s {path}: its {name} is {found}, not {what}; the checkpoint is damaged or edited: "
-                              f"re-create it with -S FILE")
+            raise edited(path, f"its {name} is {found}, not {what}")
 
 
 def check_progress(path: str, checkpoint: dict, cfg: Config) -> None:
@@ -556,11 +561,9 @@ def check_progress(path: str, checkpoint: dict, cfg: Config) -> None:
                           f"than hyperparameter_steps = {cfg.hyperparameter_steps}; resume with "
                           f"--hyperparameter_steps {windows} or more")
     if not windows * T <= steps <= (windows + 1) * T:       # a diverged run stops after its window's steps
-        raise ConfigError(f"-s {path}: its steps_done = {steps} does not fit windows_done = {windows} of "
-                          f"network_weight_steps = {T}; the checkpoint is damaged or edited: re-create it with -S FILE")
+        raise edited(path, f"its steps_done = {steps} does not fit windows_done = {windows} of {T} steps")
     if checkpoint["logged_at"] is not None and checkpoint["logged_at"] > steps:
-        raise ConfigError(f"-s {path}: its logged_at = {checkpoint['logged_at']} lies after steps_done = {steps}; "
-                          f"the checkpoint is damaged or edited: re-create it with -S FILE")
+        raise edited(path, f"its logged_at = {checkpoint['logged_at']} lies after steps_done = {steps}")
 
 
 def restore(learner: Learner, checkpoint: dict, path: str) -> None:
@@ -728,7 +731,7 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     if checkpoint is not None:
         restore(learner, checkpoint, load_state)
         run_dir = resume_run_dir(load_state, checkpoint, cfg)
-    run_dir, learner.log = open_run(cfg, context, run_dir, checkpoint and checkpoint.get("events"))
+    run_dir, learner.log = open_run(cfg, context, run_dir, None if checkpoint is None else checkpoint.get("events"))
     if checkpoint is None and learner.log is not None:
         learner.log.hparams(*learner.hparams())
     if checkpoint is not None and learner.log is not None:
@@ -767,10 +770,11 @@ def record_failure(run_dir: Path | None, learner: Learner, context: distributed.
 
 
 def write_failure(run_dir: Path | None, error: OSError) -> ConfigError:
-    """The one line for a write that failed mid-run: a removed run directory (or log root), a full disk."""
-    if run_dir is not None and not run_dir.is_dir():
-        return ConfigError(f"{run_dir}: the run directory (or a folder above it) was removed mid-run, so its logs "
-                           f"are lost; run again, or resume from a checkpoint with -s FILE")
+    """The one line for a write that failed mid-run: a removed run directory, log root or event file
+    (util.RunLog.flush notices), a full disk."""
+    if error.errno == errno.ENOENT:
+        return ConfigError(f"{run_dir}: the run directory (or a folder above it, or its event file) was removed "
+                           f"mid-run, so its logs are lost; run again, or resume from a checkpoint with -s FILE")
     return ConfigError(f"{error.filename or run_dir}: could not write ({error.strerror or error}); free some "
                        f"space and resume from the last checkpoint (-s FILE), or run again")
 

@@ -195,25 +195,48 @@ def test_a_checkpoint_naming_a_sibling_of_another_seed_does_not_log_there(first)
 
 # ---- 7: run folders that go away, a full disk ----
 
-@pytest.mark.parametrize("removed", ["run directory", "log root"])
-def test_a_run_whose_folder_is_removed_mid_run_ends_in_one_line(tmp_path, removed):
-    runs, checkpoint = tmp_path / "runs", tmp_path / "ck.pt"
+def training(runs: Path, checkpoint: Path) -> subprocess.Popen:
+    """A long run, once it has written its first periodic checkpoint (so its folder is there)."""
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"),
                                 *command(runs, "--hyperparameter_steps", "100000", "-S", str(checkpoint),
                                          "--checkpoint_every", "1")],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline:      # training, its folder made
+    while not checkpoint.exists() and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.01)
-    (run_dir,) = {p.parent for p in runs.rglob("config.json")}
-    shutil.rmtree(run_dir if removed == "run directory" else runs)
+    return process
+
+
+def ended_in_one_line(process: subprocess.Popen, *fragments: str) -> None:
     assert process.wait(timeout=120) == 2
     err = process.stderr.read()
     assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"{run_dir}: the run directory (or a folder above it) was removed mid-run" in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("removed", ["run directory", "log root"])
+def test_a_run_whose_folder_is_removed_mid_run_ends_in_one_line(tmp_path, removed):
+    runs, checkpoint = tmp_path / "runs", tmp_path / "ck.pt"
+    process = training(runs, checkpoint)
+    (run_dir,) = {p.parent for p in runs.rglob("config.json")}
+    folder = run_dir if removed == "run directory" else runs
+    while folder.exists():           # (the run may write its failure there while it is being removed)
+        shutil.rmtree(folder, ignore_errors=True)
+    ended_in_one_line(process, f"{run_dir}: the run directory (or a folder above it, or its event file) was removed")
     assert not run_dir.exists()                    # nothing re-creates it
     assert torch.load(checkpoint, weights_only=True)["windows_done"] > 0
+
+
+def test_a_run_whose_event_file_is_removed_mid_run_records_its_failure(tmp_path):
+    runs, checkpoint = tmp_path / "runs", tmp_path / "ck.pt"
+    process = training(runs, checkpoint)
+    (events,) = runs.rglob("events.out.tfevents.*")
+    events.unlink()
+    ended_in_one_line(process, f"{events.parent}: the run directory (or a folder above it, or its event file) was")
+    metrics = json.loads((events.parent / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "removed mid-run" in metrics["error"] and metrics["weight_steps"] > 0
 
 
 def full_disk() -> None:
