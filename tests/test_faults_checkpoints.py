@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import train
 import util
+from schema import ConfigError
 from tests.conftest import REPO
 
 
@@ -145,6 +147,17 @@ def test_a_run_directory_in_use_is_refused_at_once(first):
         assert snapshot(runs) == before
 
 
+def test_a_run_into_a_given_directory_in_use_is_refused_before_writing(tmp_path):
+    """As a batch re-runs a run in place: the directory is the run's only once it holds it."""
+    run_dir = tmp_path / "runs" / "run"
+    run_dir.mkdir(parents=True)
+    cfg = config.load_from([str(REPO / "configs/diabetes.yaml"), str(REPO / "configs/Ours_LR.yaml")],
+                           overrides=["hyperparameter_steps=1", f"log_root={tmp_path / 'runs'}"])
+    with hold(run_dir), pytest.raises(ConfigError, match=f"is in use by another process \\(pid {os.getpid()}\\)"):
+        train.train(cfg, run_dir=run_dir, show_progress=False)
+    assert [p.name for p in run_dir.iterdir()] == [util.LOCK_NAME]
+
+
 def test_two_concurrent_resumptions_of_one_checkpoint_the_second_is_refused(first):
     checkpoint, runs, run_dir = first
     lock = run_dir / util.LOCK_NAME
@@ -209,11 +222,8 @@ def training(runs: Path, checkpoint: Path) -> subprocess.Popen:
 
 
 def ended_in_one_line(process: subprocess.Popen, *fragments: str) -> None:
-    assert process.wait(timeout=120) == 2
-    err = process.stderr.read()
-    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
+    code = process.wait(timeout=120)
+    one_line_error(subprocess.CompletedProcess(process.args, code, "", process.stderr.read()), *fragments)
 
 
 @pytest.mark.parametrize("removed", ["run directory", "log root"])
