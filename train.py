@@ -556,14 +556,14 @@ def check_progress(path: str, checkpoint: dict, cfg: Config) -> None:
     """The checkpoint's counters agree with each other and with this config: no more windows done
     than it asks for (the run would end past its own length)."""
     T, windows, steps = cfg.network_weight_steps, checkpoint["windows_done"], checkpoint["steps_done"]
-    if windows > cfg.hyperparameter_steps:
-        raise ConfigError(f"-s {path}: the checkpoint has done {windows} hyperparameter steps (windows_done), more "
-                          f"than hyperparameter_steps = {cfg.hyperparameter_steps}; resume with "
-                          f"--hyperparameter_steps {windows} or more")
     if not windows * T <= steps <= (windows + 1) * T:       # a diverged run stops after its window's steps
         raise edited(path, f"its steps_done = {steps} does not fit windows_done = {windows} of {T} steps")
     if checkpoint["logged_at"] is not None and checkpoint["logged_at"] > steps:
         raise edited(path, f"its logged_at = {checkpoint['logged_at']} lies after steps_done = {steps}")
+    if windows > cfg.hyperparameter_steps:
+        raise ConfigError(f"-s {path}: the checkpoint has done {windows} hyperparameter steps (windows_done), more "
+                          f"than hyperparameter_steps = {cfg.hyperparameter_steps}; resume with "
+                          f"--hyperparameter_steps {windows} or more")
 
 
 def restore(learner: Learner, checkpoint: dict, path: str) -> None:

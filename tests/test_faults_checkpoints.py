@@ -60,14 +60,15 @@ def first(tmp_path: Path) -> tuple[Path, Path, Path]:
     return checkpoint, runs, metrics.parent
 
 
-def edited(checkpoint: Path, field: str, value: object) -> Path:
-    """The checkpoint with the dotted `field` set to `value`, written beside it."""
+def edited(checkpoint: Path, changes: dict[str, object]) -> Path:
+    """The checkpoint with each dotted field of `changes` set to its value, written beside it."""
     state = torch.load(checkpoint, weights_only=True)
-    *parents, last = field.split(".")
-    inner = state
-    for key in parents:
-        inner = inner[key]
-    inner[last] = value
+    for field, value in changes.items():
+        *parents, last = field.split(".")
+        inner = state
+        for key in parents:
+            inner = inner[key]
+        inner[last] = value
     path = checkpoint.with_name("edited.pt")
     torch.save(state, path)
     return path
@@ -79,22 +80,22 @@ def edited(checkpoint: Path, field: str, value: object) -> Path:
     ("events.bytes", -1), ("events.file", "../../victim"), ("steps_done", "20"), ("windows_done", True),
     ("logged_at", -3), ("segments", 0), ("train_seconds", float("nan")), ("run_dir", 5),
     ("window_hyperparameters", [1.0]), ("config.seed", -1), ("streams.train.position", -5),
-    ("algorithm.rule_state.step", -1), ("steps_done", 10**9),
+    ("algorithm.rule_state.step", -1), ("steps_done", 10**9), ("windows_done", 10**9), ("logged_at", 21),
 ])
 def test_a_bookkeeping_field_of_the_wrong_type_or_range_is_one_line_naming_it(first, field, value):
     checkpoint, runs, _ = first
-    path, before = edited(checkpoint, field, value), snapshot(runs)
+    path, before = edited(checkpoint, {field: value}), snapshot(runs)
     result = run(*command(runs, "--hyperparameter_steps", "3", "-s", str(path)))
-    name = "steps_done" if value == 10**9 else field
-    one_line_error(result, f"-s {path}", name, "re-create it with -S FILE")
+    one_line_error(result, f"-s {path}: its ", field, "re-create it with -S FILE")
     assert snapshot(runs) == before
 
 
 def test_a_checkpoint_claiming_more_windows_than_the_config_asks_for_is_refused(first):
     checkpoint, runs, _ = first
-    path, before = edited(checkpoint, "windows_done", 10**9), snapshot(runs)
-    one_line_error(run(*command(runs, "--hyperparameter_steps", "3", "-s", str(path))), "windows_done",
-                   "more than hyperparameter_steps = 3")
+    path = edited(checkpoint, {"windows_done": 10**9, "steps_done": 10**10, "logged_at": 10**10})
+    before = snapshot(runs)
+    one_line_error(run(*command(runs, "--hyperparameter_steps", "3", "-s", str(path))),
+                   "has done 1000000000 hyperparameter steps (windows_done), more than hyperparameter_steps = 3")
     assert snapshot(runs) == before
 
 
@@ -200,7 +201,7 @@ def test_a_checkpoint_naming_a_sibling_of_another_seed_does_not_log_there(first)
     checkpoint, runs, run_dir = first
     assert train.main(command(runs, seed="4")) == 0
     (sibling,) = {p.parent for p in runs.rglob("metrics.json")} - {run_dir}
-    path, before = edited(checkpoint, "run_dir", str(sibling.relative_to(runs))), snapshot(runs)
+    path, before = edited(checkpoint, {"run_dir": str(sibling.relative_to(runs))}), snapshot(runs)
     result = run(*command(runs, "--hyperparameter_steps", "3", "-s", str(path)))
     one_line_error(result, f"-s {path}", str(sibling), "another run")
     assert snapshot(runs) == before
