@@ -11,16 +11,18 @@ measurement at step (h+1)*T, i.e. of the weights that window h produced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import distributed
 import measure
 import meta_learning
 import models
+import schema
 import util
 from algorithms.hyperparameters import Hyperparameters
 from algorithms.hyperparameters import tag as hyperparameter_tag
@@ -401,9 +404,9 @@ def _cell(final: dict, tag: str) -> str:
     return f"{'nan' if final[tag] is None else format(final[tag], '.6g'):>12}"
 
 
-# Keys a resumed run may change: how long it goes on, where it logs, how it reports.
-RESUMABLE_KEYS = {"hyperparameter_steps", "log_root", "run_group_name", "run_name", "device", "seed", "log_every",
-                  "threads"}
+# Keys a resumed run may change: how long it goes on, where it logs, how it reports. Not the seed: a
+# resumption continues the checkpoint's (`resumed` takes it when none is given).
+RESUMABLE_KEYS = {"hyperparameter_steps", "log_root", "run_group_name", "run_name", "device", "log_every", "threads"}
 
 
 # What `save_checkpoint` writes besides the optional keys (CUDA generator state, segment times).
@@ -423,9 +426,17 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
                   if key.split(".")[0] not in RESUMABLE_KEYS and saved.get(key) != current.get(key))
 
 
+def resumed(path: str, cfg: Config) -> tuple[Config, dict]:
+    """The config that resumes the checkpoint at `path` (with the checkpoint's seed where `cfg` has
+    none: the seed its run was started with), and the checkpoint."""
+    checkpoint = load_checkpoint(path, cfg)
+    return replace(cfg, seed=checkpoint["config"]["seed"]), checkpoint
+
+
 def load_checkpoint(path: str, cfg: Config) -> dict:
-    """Read a checkpoint written by `save_checkpoint`, refusing one made under another config, and
-    anything else (damaged, crafted, truncated) as one ConfigError."""
+    """Read a checkpoint written by `save_checkpoint`, refusing one made under another config (a
+    seed of None matches any), and anything else (damaged, crafted, truncated, edited) as one
+    ConfigError."""
     if not Path(path).is_file():
         raise ConfigError(f"-s {path}: no such checkpoint file")
     damaged = f"-s {path}: not a checkpoint written by train.py -S"
@@ -440,11 +451,101 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
     missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
     if missing:
         raise ConfigError(f"{damaged} (it lacks {', '.join(map(str, missing))}); re-create it with -S FILE")
-    different = differing_keys(checkpoint["config"], config.to_dict(cfg))
+    check_bookkeeping(path, checkpoint)
+    current = config.to_dict(cfg if cfg.seed is not None else replace(cfg, seed=checkpoint["config"]["seed"]))
+    different = differing_keys(checkpoint["config"], current)
     if different:
         raise ConfigError(f"-s {path}: the checkpoint was made with a different config; "
                           f"differing keys: {', '.join(different)}")
+    check_progress(path, checkpoint, cfg)
     return checkpoint
+
+
+def _count(value: object, least: int = 0) -> bool:
+    return type(value) is int and value >= least         # not a bool, a float, a string
+
+
+def _seconds(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def _scalars(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(tag, str) and type(x) in (int, float) for tag, x in value.items())
+
+
+def _event_file(value: object) -> bool:
+    return isinstance(value, str) and Path(value).name == value and value.startswith(util.EVENTS_PREFIX)
+
+
+# Each bookkeeping field of a checkpoint and what it must be.
+BOOKKEEPING = {
+    "steps_done": (_count, "an integer >= 0"),
+    "windows_done": (_count, "an integer >= 0"),
+    "logged_at": (lambda value: value is None or _count(value), "null or an integer >= 0"),
+    "run_dir": (lambda value: isinstance(value, str) and value != "", "a folder name"),
+    "window_hyperparameters": (_scalars, "a dict of tags and numbers"),
+    "config.seed": (lambda value: _count(value) and value <= schema.MAX_SEED, "an integer seed >= 0"),
+    "segments": (lambda value: _count(value, 1), "an integer >= 1"),
+    "train_seconds": (_seconds, "a number of seconds >= 0"),
+    "events": (lambda value: isinstance(value, dict), "a dict"),
+    "events.file": (_event_file, f"an event file name ({util.EVENTS_PREFIX}...)"),
+    "events.bytes": (_count, "an integer >= 0"),
+}
+OPTIONAL_FIELDS = {"segments", "train_seconds", "events"}     # absent from older checkpoints
+_ABSENT = object()
+
+
+def _field(checkpoint: dict, name: str) -> object:
+    """The value at a dotted `name` of the checkpoint, or _ABSENT."""
+    value = checkpoint
+    for key in name.split("."):
+        value = value.get(key, _ABSENT) if isinstance(value, dict) else _ABSENT
+    return value
+
+
+def _counters(state: object, name: str) -> Iterator[str]:
+    """The dotted name of every integer (or bool) in a nested state: step counts, stream positions."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from _counters(value, f"{name}.{key}")
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            yield from _counters(value, f"{name}.{index}")
+    elif isinstance(state, int):
+        yield name
+
+
+def edited(path: str, problem: str) -> ConfigError:
+    """The one line for a checkpoint whose `problem` no run of train.py could have written."""
+    return ConfigError(f"-s {path}: {problem}; the checkpoint is damaged or edited: re-create it with -S FILE")
+
+
+def check_bookkeeping(path: str, checkpoint: dict) -> None:
+    """Each bookkeeping field of a checkpoint, and every counter in its states, of its type and range:
+    an edited or damaged one would otherwise resume into nonsense or fail mid-run."""
+    fields = [(name, check, what) for name, (check, what) in BOOKKEEPING.items()
+              if name.split(".")[0] not in OPTIONAL_FIELDS or name.split(".")[0] in checkpoint]
+    fields += [(name, _count, "an integer >= 0") for part in ("rule_state", "hyperparameters", "algorithm", "streams")
+               for name in _counters(checkpoint[part], part)]
+    for name, check, what in fields:
+        value = _field(checkpoint, name)
+        if value is _ABSENT or not check(value):
+            found = "missing" if value is _ABSENT else schema.short_repr(value)
+            raise edited(path, f"its {name} is {found}, not {what}")
+
+
+def check_progress(path: str, checkpoint: dict, cfg: Config) -> None:
+    """The checkpoint's counters agree with each other and with this config: no more windows done
+    than it asks for (the run would end past its own length)."""
+    T, windows, steps = cfg.network_weight_steps, checkpoint["windows_done"], checkpoint["steps_done"]
+    if not windows * T <= steps <= (windows + 1) * T:       # a diverged run stops after its window's steps
+        raise edited(path, f"its steps_done = {steps} does not fit windows_done = {windows} of {T} steps")
+    if checkpoint["logged_at"] is not None and checkpoint["logged_at"] > steps:
+        raise edited(path, f"its logged_at = {checkpoint['logged_at']} lies after steps_done = {steps}")
+    if windows > cfg.hyperparameter_steps:
+        raise ConfigError(f"-s {path}: the checkpoint has done {windows} hyperparameter steps (windows_done), more "
+                          f"than hyperparameter_steps = {cfg.hyperparameter_steps}; resume with "
+                          f"--hyperparameter_steps {windows} or more")
 
 
 def restore(learner: Learner, checkpoint: dict, path: str) -> None:
@@ -521,26 +622,64 @@ def check_outputs(cfg: Config, save_state: str | None) -> None:
             raise ConfigError(f"-S {save_state}: the folder {target.parent} is not writable; choose another file")
 
 
-def open_run(cfg: Config, context: distributed.Context,
-             run_dir: Path | None = None) -> tuple[Path | None, util.RunLog | None]:
-    """Rank 0's run directory (a new one unless given) and its TensorBoard log; nothing elsewhere.
-    A directory without a config.json (a new one, or one chosen by the caller) gets one."""
+def open_run(cfg: Config, context: distributed.Context, run_dir: Path | None = None,
+             resumes: dict | None = None) -> tuple[Path | None, util.RunLog | None]:
+    """Rank 0's run directory (a new one unless given), held by this process alone until its log is
+    released, and its TensorBoard log; nothing elsewhere. A directory without a config.json (a new
+    one, or one chosen by the caller) gets one. `resumes`: the log position of the checkpoint a
+    resumption continues, to which the event files are cut back. A directory this call created is
+    removed again if it fails (a full disk)."""
     if not context.is_rank0:
         return run_dir, None
-    if run_dir is None:
-        run_dir = util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name)
-    if not (run_dir / "config.json").is_file():
+    above = Path(cfg.log_root) / cfg.run_group if run_dir is None else run_dir.parent
+    existing = next(folder for folder in (above, *above.parents) if folder.exists())
+    new = run_dir is None or not run_dir.exists()
+    try:
+        if run_dir is None:
+            run_dir = util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        util.write_json(run_dir / "config.json", config.to_dict(cfg))
-    return run_dir, util.RunLog(run_dir)
+        return run_dir, _open_log(cfg, run_dir, resumes)
+    except OSError as error:
+        if new:
+            _remove_new(run_dir, above, existing)
+        raise ConfigError(f"log_root = {cfg.log_root}: could not write the run directory {run_dir or above} "
+                          f"({error.strerror or error}); free some space, or choose another log root with -l DIR"
+                          ) from None
+
+
+def _open_log(cfg: Config, run_dir: Path, resumes: dict | None) -> util.RunLog:
+    lock = util.hold_run_dir(run_dir)
+    try:
+        util.discard_events_after(run_dir, resumes)
+        if not (run_dir / "config.json").is_file():
+            util.write_json(run_dir / "config.json", config.to_dict(cfg))
+        return util.RunLog(run_dir, lock=lock)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _remove_new(run_dir: Path | None, above: Path, existing: Path) -> None:
+    """Remove a run directory this process created, and the folders above it that it created and
+    that are still empty (others' runs may have appeared in them since)."""
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in (above, *above.parents):
+        if folder == existing:
+            return
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def close_run(run_dir: Path | None, log: util.RunLog | None, metrics: dict, cfg: Config,
               context: distributed.Context) -> dict:
+    """Record the metrics and release the run directory (only then: it is the run's until they are
+    written)."""
     metrics |= {"seed": cfg.seed, "threads": cfg.threads, "run_dir": str(run_dir), "world_size": context.world_size}
     if log is not None:
         log.close()
         util.write_json(run_dir / "metrics.json", metrics)
+        log.release()
     return metrics
 
 
@@ -559,18 +698,18 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
         return train_meta_dataset(cfg, context, save_state or load_state, run_dir)
     if run_dir is None:
         check_outputs(cfg, save_state)
+    checkpoint = None
+    if load_state:
+        cfg, checkpoint = resumed(load_state, cfg)
     setup = prepare(cfg)
     cfg = setup.cfg
-    checkpoint = load_checkpoint(load_state, cfg) if load_state else None
     learner = Learner(setup, context=context)
     learner.show_progress = context.is_rank0 and show_progress
     learner.stop_requested = stop_requested
     if checkpoint is not None:
         restore(learner, checkpoint, load_state)
         run_dir = resume_run_dir(load_state, checkpoint, cfg)
-        if context.is_rank0:
-            util.discard_events_after(run_dir, checkpoint.get("events"))
-    run_dir, learner.log = open_run(cfg, context, run_dir)
+    run_dir, learner.log = open_run(cfg, context, run_dir, None if checkpoint is None else checkpoint.get("events"))
     if checkpoint is None and learner.log is not None:
         learner.log.hparams(*learner.hparams())
     if checkpoint is not None and learner.log is not None:
@@ -587,26 +726,35 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
         metrics = learner.run()
         if save_state:
             save_checkpoint(save_state, learner, run_dir, context)
+        return run_dir, close_run(run_dir, learner.log, metrics, cfg, context)
     except (ConfigError, OSError) as error:      # a full disk, a lost folder
         raise record_failure(run_dir, learner, context, error) from None
     finally:
         if learner.log is not None:
-            learner.log.close()
-    return run_dir, close_run(run_dir, learner.log, metrics, cfg, context)
+            learner.log.release()
 
 
 def record_failure(run_dir: Path | None, learner: Learner, context: distributed.Context,
                    error: ConfigError | OSError) -> ConfigError:
-    """Mark a run that failed mid-way as failed in its metrics.json, where the disk still allows,
-    and return the one-line error to report."""
-    if not isinstance(error, ConfigError):
-        error = ConfigError(f"{error.filename or run_dir}: could not write ({error.strerror or error}); free some "
-                            f"space and resume from the last checkpoint (-s FILE), or run again")
+    """Mark a run that failed mid-way as failed in its metrics.json, where its directory and the disk
+    still allow, and return the one-line error to report."""
+    if isinstance(error, OSError):
+        error = write_failure(run_dir, error)
     metrics = {"status": "failed", "error": str(error), "weight_steps": learner.steps_done,
                "train_seconds": learner.train_seconds, "segments": learner.segments, "final": {}}
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):      # a removed run directory stays removed: nothing re-creates it
         close_run(run_dir, learner.log, metrics, learner.cfg, context)
     return error
+
+
+def write_failure(run_dir: Path | None, error: OSError) -> ConfigError:
+    """The one line for a write that failed mid-run: a removed run directory, log root or event file
+    (util.RunLog.flush notices), a full disk."""
+    if error.errno == errno.ENOENT:
+        return ConfigError(f"{run_dir}: the run directory (or a folder above it, or its event file) was removed "
+                           f"mid-run, so its logs are lost; run again, or resume from a checkpoint with -s FILE")
+    return ConfigError(f"{error.filename or run_dir}: could not write ({error.strerror or error}); free some "
+                       f"space and resume from the last checkpoint (-s FILE), or run again")
 
 
 def refuse_meta_checkpoint(cfg: Config, checkpoint: str | None) -> None:
@@ -620,9 +768,9 @@ def preflight(cfg: Config, save_state: str | None, load_state: str | None) -> No
     refuse_meta_checkpoint(cfg, save_state or load_state)
     check_outputs(cfg, save_state)
     if cfg.task != "meta_dataset":
-        setup = prepare(cfg)                      # the data is there and the model fits it
         if load_state:
-            load_checkpoint(load_state, setup.cfg)
+            cfg, _ = resumed(load_state, cfg)
+        prepare(cfg)                              # the data is there and the model fits it
 
 
 def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: str | None,
@@ -637,10 +785,10 @@ def train_meta_dataset(cfg: Config, context: distributed.Context, checkpoint: st
     try:
         device = context.device if context.active else resolve_device(cfg.device)
         metrics = meta_learning.train_learned_dataset(cfg, context, log, device)
+        return run_dir, close_run(run_dir, log, metrics, cfg, context)
     finally:
         if log is not None:
-            log.close()
-    return run_dir, close_run(run_dir, log, metrics, cfg, context)
+            log.release()
 
 
 def check_launch(cfg: Config, world_size: int, local_world_size: int | None = None) -> None:
@@ -792,7 +940,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1 and context.active:
             raise ConfigError("--nproc: already running under torchrun; let torchrun start the processes")
         distributed.init(context)
-        if cfg.seed is None:                            # drawn once, so that every rank agrees
+        if cfg.seed is None and not args.load_state:    # drawn once, so that every rank agrees (a
+            # resumption continues its checkpoint's)
             cfg = replace(cfg, seed=distributed.broadcast_from_rank0(secrets.randbelow(2**31), context))
         if args.nproc > 1:
             preflight(cfg, args.save_state, args.load_state)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import re
 import secrets
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -180,6 +183,31 @@ def check_output_folder(folder: Path, named: str, fix: str) -> None:
         raise ConfigError(f"{named}: {existing} is {problem}; {fix}")
 
 
+LOCK_NAME = ".lock"
+
+
+def hold_run_dir(run_dir: Path) -> BinaryIO:
+    """An exclusive lock on `run_dir` for this process (its pid written in the lock file), until the
+    returned file is closed or the process ends; ConfigError at once if another process holds it
+    (two runs logging into one directory would cut back and overwrite each other's files)."""
+    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    lock = os.fdopen(descriptor, "r+b")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n".encode())
+        lock.flush()
+        return lock
+    except BlockingIOError:
+        holder = lock.read(20).decode(errors="replace").strip() or "unknown"
+        lock.close()
+        raise ConfigError(f"run directory {run_dir} is in use by another process (pid {holder}); wait for it to "
+                          f"end, or stop it") from None
+    except BaseException:
+        lock.close()
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename), so readers never see half a file."""
     write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
@@ -238,6 +266,9 @@ def _masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+EVENTS_PREFIX = "events.out.tfevents."
+
+
 class RunLog:
     """TensorBoard event file of one run, written synchronously in the calling thread.
 
@@ -247,12 +278,13 @@ class RunLog:
     thread competing with training for the interpreter.
     """
 
-    def __init__(self, run_dir: Path, flush_seconds: float = 10.0):
+    def __init__(self, run_dir: Path, flush_seconds: float = 10.0, lock: BinaryIO | None = None):
         self.run_dir = run_dir
+        self._lock = lock          # hold_run_dir's, released by `release`
         # Unique, never overwritten, and in time order by name: a resumed run adds its own file
         # beside its predecessor's.
         now = time.time_ns()
-        self.name = f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
+        self.name = f"{EVENTS_PREFIX}{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
         self._file = open(run_dir / self.name, "xb")  # noqa: SIM115 -- closed in close()
         self._bytes = 0
         self._flush_seconds = flush_seconds
@@ -297,6 +329,8 @@ class RunLog:
     def flush(self) -> None:
         self._file.flush()
         self._last_flush = time.monotonic()
+        if os.fstat(self._file.fileno()).st_nlink == 0:     # writes to a removed file succeed, and are lost
+            raise FileNotFoundError(errno.ENOENT, "its event file was removed mid-run", str(self.run_dir / self.name))
 
     def position(self) -> dict[str, str | int]:
         """Where the log is, on disk (it is flushed), for a checkpoint: see `discard_events_after`."""
@@ -312,21 +346,42 @@ class RunLog:
     def close(self) -> None:
         self._file.close()
 
+    def release(self) -> None:
+        """Close the log and let other processes have its run directory."""
+        self.close()
+        if self._lock is not None:
+            self._lock.close()
+
+
+def _not_an_event_file(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"{path}: the event file the checkpoint names is not the run's own regular file ({why}); "
+                       f"resuming cuts it back, never through a link: remove it, or put the run's file back")
+
 
 def discard_events_after(run_dir: Path, position: dict | None) -> None:
-    """Cut a run's event files back to a checkpoint's `position` (RunLog.position): what a killed
-    run logged after its checkpoint, and any file a later segment began, are superseded by a run
-    resumed from it. TensorBoard's own purge on restart (`restart_at`) drops steps from one step on,
-    right for the weight-step axis but not for the Last_* tags on the hyperparameter-step axis."""
-    name = position.get("file") if isinstance(position, dict) else None
-    if not isinstance(name, str) or Path(name).name != name or not name.startswith("events.out.tfevents."):
-        return                                   # an older checkpoint (`restart_at` alone), or not a file name
-    kept = run_dir / name
-    if not kept.is_file() or not isinstance(position.get("bytes"), int):
+    """Cut a run's event files back to a checkpoint's `position` (RunLog.position, checked by the
+    caller): what a killed run logged after its checkpoint, and any file a later segment began, are
+    superseded by a run resumed from it. TensorBoard's own purge on restart (`restart_at`) drops steps
+    from one step on, right for the weight-step axis but not for the Last_* tags on the
+    hyperparameter-step axis. Only a regular file of the run directory is cut, never through a link."""
+    if position is None:
+        return                                   # an older checkpoint: `restart_at` alone
+    kept = run_dir / position["file"]
+    try:
+        descriptor = os.open(kept, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return
-    if kept.stat().st_size > position["bytes"]:
-        os.truncate(kept, position["bytes"])
-    for file in run_dir.glob("events.out.tfevents.*"):
+    except OSError as error:                     # ELOOP: a link; EISDIR, ENXIO: a folder, a fifo
+        raise _not_an_event_file(kept, "a symbolic link" if error.errno == errno.ELOOP else error.strerror) from None
+    try:
+        found = os.fstat(descriptor)
+        if not stat.S_ISREG(found.st_mode):
+            raise _not_an_event_file(kept, "not a file")
+        if found.st_size > position["bytes"]:
+            os.ftruncate(descriptor, position["bytes"])
+    finally:
+        os.close(descriptor)
+    for file in run_dir.glob(f"{EVENTS_PREFIX}*"):
         if file.name > kept.name:                # names are in time order
             file.unlink()
 
@@ -484,7 +539,7 @@ def _json_kind(value: Any) -> str:
 
 def read_run_events(run_dir: Path, use_cache: bool = True) -> tuple[dict[str, Scalar], dict[str, Histogram]]:
     """A run's scalars and histograms, from its cache when that matches its event files."""
-    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    files = sorted(run_dir.glob(f"{EVENTS_PREFIX}*"))
     signature = json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache = run_dir / CACHE_NAME
     if use_cache and cache.is_file():
