@@ -50,6 +50,8 @@ class BatchNormRun:
     learner: train.Learner
     final: dict[str, float]
     validation_losses: list[tuple[torch.Tensor, torch.Tensor]]    # (the hypergradient's, by hand)
+    initial_state: dict[str, torch.Tensor]
+    first_log: dict[str, float]        # measured at step 0, where the model is still in training mode
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +73,12 @@ def batch_norm_run() -> BatchNormRun:
         return outputs, loss
 
     run.algorithm.problem = dataclasses.replace(problem, validation_loss=validation_loss)
+    initial_state = {name: value.clone() for name, value in model.state_dict().items()}
+    logged: list[tuple[int, dict[str, float]]] = []
+    run._log = lambda step, scalars: logged.append((step, scalars))
     metrics = run.run()
-    assert metrics["status"] == "completed" and len(recorded) == 5
-    return BatchNormRun(run, metrics["final"], recorded)
+    assert metrics["status"] == "completed" and len(recorded) == 5 and logged[0][0] == 0
+    return BatchNormRun(run, metrics["final"], recorded, initial_state, logged[0][1])
 
 
 def test_the_loss_in_target_units_is_a_plain_forward_on_the_raw_test_rows(batch_norm_run):
@@ -93,10 +98,15 @@ def test_the_loss_in_target_units_is_a_plain_forward_on_the_raw_test_rows(batch_
 
 
 def test_held_out_metrics_are_an_eval_mode_forward(batch_norm_run):
-    """The final losses of every whole split equal the eval-mode forward by hand (BatchNorm's
-    running statistics). Catches held-out metrics measured in training mode (batch statistics,
-    and running statistics moved by the measurement)."""
+    """The final losses of every whole split, and the test loss logged at step 0 (before any
+    hypergradient has switched the model to eval mode), equal the eval-mode forward by hand
+    (BatchNorm's running statistics). Catches held-out metrics measured in training mode (batch
+    statistics, and running statistics moved by the measurement)."""
     run = batch_norm_run.learner
+    with torch.no_grad():
+        first = float(F.mse_loss(eval_forward(batch_norm_run.initial_state, run.splits.test.inputs),
+                                 run.splits.test.targets))
+    assert batch_norm_run.first_log["Loss/Test"] == pytest.approx(first, rel=1e-10)
     state = run.model.state_dict()
     for name, split in [("Training", run.splits.train), ("Validation", run.splits.validation),
                         ("Test", run.splits.test)]:
