@@ -31,6 +31,8 @@ GROUND_TRUTH = ("tests/test_loop_ground_truth.py", "tests/test_hypergradients.py
 DDP_IMPLICIT = "tests/test_distributed.py::test_n_ranks_end_where_one_rank_ends[Ours_LR_Momentum-2]"
 DDP_UNROLLED = "tests/test_distributed.py::test_n_ranks_end_where_one_rank_ends[DiffThroughOpt-2]"
 ANALYSIS = "tests/test_analysis_truth.py"
+MEASUREMENT = "tests/test_measurement_truth.py"
+DDP_MEASURED = f"{MEASUREMENT}::test_n_ranks_measure_and_clip_like_one_rank_with_uneven_shards"
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,52 @@ MUTATIONS = (
 # What the reported numbers rest on besides the hypergradient: measurements, the loop's settings,
 # the shipped configs, data parallelism.
 MEASUREMENT_MUTATIONS: tuple[Mutation, ...] = (
+    Mutation("unnormalised_by_std", "the test loss in target units scaled by the target std instead of its square",
+             "measure.py", (("scale = self.splits.target_std ** 2", "scale = self.splits.target_std"),),
+             (f"{MEASUREMENT}::test_the_loss_in_target_units_is_a_plain_forward_on_the_raw_test_rows",)),
+    Mutation("held_out_train_mode", "held-out metrics measured in training mode (BatchNorm's batch statistics)",
+             "measure.py", (("        self.model.eval()\n        totals", "        totals"),),
+             (f"{MEASUREMENT}::test_held_out_metrics_are_an_eval_mode_forward",)),
+    Mutation("validation_loss_train_mode", "the hypergradient's validation loss computed in training mode",
+             "train.py", (("        self.model.eval()\n        return self._loss_at(weights, batch)",
+                           "        return self._loss_at(weights, batch)"),),
+             (f"{MEASUREMENT}::test_the_hypergradient_validation_gradient_is_an_eval_mode_gradient",)),
+    Mutation("lr_bounds_ln", "lr bounds taken to the raw (log10) space with ln", "algorithms/hyperparameters.py",
+             (("(math.log10(bound) for bound in self.lr_bounds)", "(math.log(bound) for bound in self.lr_bounds)"),),
+             (f"{MEASUREMENT}::test_a_clipped_lr_trajectory_is_a_raw_step_then_a_clip_into_the_log10_bounds",)),
+    Mutation("clip_before_hyper_step", "lr clipped into its bounds before the hyper-optimiser's step, not after",
+             "algorithms/base.py",
+             (("        self.rule.update_(self.hyperparameters.leaves(), grads, self.rule_state, "
+               "self.rule_hyperparameters)\n        self.hyperparameters.clip_()\n",
+               "        self.hyperparameters.clip_()\n        self.rule.update_(self.hyperparameters.leaves(), grads, "
+               "self.rule_state, self.rule_hyperparameters)\n"),),
+             (f"{MEASUREMENT}::test_a_clipped_lr_trajectory_is_a_raw_step_then_a_clip_into_the_log10_bounds",)),
+    Mutation("first_order_at_i2", "the tracked step without second derivatives at i = 2", "algorithms/implicit.py",
+             (("create_graph=self.rollback_distance > 1", "create_graph=self.rollback_distance > 2"),),
+             (f"{MEASUREMENT}::test_implicit_hypergradients_at_other_i[i2]",)),
+    Mutation("shipped_ours_one_term", "the shipped Ours configs with i = 1 Neumann term instead of 5",
+             "configs/Ours_LR.yaml", (("rollback_distance: 5", "rollback_distance: 1"),),
+             (f"{MEASUREMENT}::test_the_shipped_ours_configs_are_the_papers_settings",
+              f"{MEASUREMENT}::test_implicit_hypergradients_at_other_i[shipped_i]")),
+    Mutation("hyper_stream_like_training", "the hypergradient's batches seeded like the training batches",
+             "train.py", (("self.hyper_batches = self._stream(hyper_split, 3)",
+                           "self.hyper_batches = self._stream(hyper_split, 1)"),),
+             (f"{MEASUREMENT}::test_the_hypergradient_batches_are_drawn_apart_from_the_training_batches",)),
+    Mutation("clip_per_shard", "each rank clipping its shard's gradient before the cross-rank sum", "train.py",
+             (("        gradient = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), "
+               "self.context)\n"
+               "        clipped = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)\n",
+               "        local = clip_gradient_norm(list(torch.autograd.grad(loss, self.params)), "
+               "self.cfg.optimiser.gradient_clip)\n"
+               "        gradient = clipped = distributed.all_reduce_(local, self.context)\n"),),
+             (DDP_MEASURED,)),
+    Mutation("accuracy_unweighted_shards", "accuracy averaged over ranks without weighting by shard size",
+             "measure.py", (("correct.mean() * batch.fraction", "correct.mean() / self.context.world_size"),),
+             (DDP_MEASURED,)),
+    Mutation("chunks_unweighted", "a whole split's chunks averaged without weighting by their size", "measure.py",
+             (("batch.fraction * rows / len(batch.inputs) if rows else 0.0",
+               "batch.fraction / -(-len(batch.inputs) // chunk_rows) if rows else 0.0"),),
+             (f"{MEASUREMENT}::test_a_chunked_whole_split_evaluation_equals_one_plain_forward",)),
 )
 
 # The analysis and the baselines the paper's tables rest on (figures, 3-batching, Bayesian

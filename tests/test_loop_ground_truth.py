@@ -149,8 +149,8 @@ def hyper_step(raw: Raw, hypergradient: Raw) -> Raw:
 
 
 def implicit_reference(problem: Problem, theta: torch.Tensor, raw: Raw, windows: int,
-                       per_element_lr: bool) -> tuple[list[Raw], torch.Tensor, Raw]:
-    """Every window's implicit hypergradient (i Neumann terms through its last step, explicit
+                       per_element_lr: bool, terms: int = TERMS) -> tuple[list[Raw], torch.Tensor, Raw]:
+    """Every window's implicit hypergradient (`terms` Neumann terms through its last step, explicit
     matrices), the final weights and the final raw hyperparameters."""
     buffer, hypergradients = None, []
     identity = torch.eye(len(theta), dtype=theta.dtype, device=theta.device)
@@ -175,7 +175,7 @@ def implicit_reference(problem: Problem, theta: torch.Tensor, raw: Raw, windows:
         du_dw = torch.autograd.functional.jacobian(lambda w, a=a, c=c, m=m: update(w, a, c, m), before)
         v = problem.validation_gradient(theta)
         step_jacobian = identity - du_dw
-        p = v @ sum(torch.linalg.matrix_power(step_jacobian, j) for j in range(TERMS))
+        p = v @ sum(torch.linalg.matrix_power(step_jacobian, j) for j in range(terms))
         du_dc, du_dm = torch.autograd.functional.jacobian(
             lambda c, m, a=a, w=before: update(w, a, c, m), (c, m))
         if per_element_lr:
