@@ -106,7 +106,7 @@ def run_repetitions(dataset: str, root: Path, repetitions: int, workers: int, ca
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", required=True, help="dataset config name, e.g. uci_energy")
     parser.add_argument("-l", "--log_root", type=Path, required=True, metavar="DIR", help="results folder")
     parser.add_argument("--repetitions", type=config.positive_int, default=1, help="independent sequences (default 1)")

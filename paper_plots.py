@@ -372,7 +372,7 @@ def meta_scaling_figure(report: Report, runs: dict[str, util.Run]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="a results folder (e.g. runs/paper)")
     parser.add_argument("--out", type=Path, help="where the figures and report go (default: RESULTS/paper)")
     args = parser.parse_args(argv)

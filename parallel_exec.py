@@ -519,7 +519,7 @@ def summary(counts: Counter, root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-l", "--log_root", type=Path, required=True, metavar="DIR", help="results folder")
     parser.add_argument("-d", "--datasets", nargs="+", required=True, metavar="NAME",
                         help="dataset configs (configs/NAME.yaml)")
