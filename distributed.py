@@ -159,8 +159,6 @@ def launcher_stop(now: bool = False) -> str | None:
     return _stop_reason
 
 
-STDERR = 2        # the file descriptor, which C++ libraries write to as well as Python
-
 # A rank of a local job that fails tells the launcher why through the store and says nothing itself:
 # the launcher, which sees every rank, prints the one line that explains the job's end.
 FAILURE_KEY = "onepass/failure/"
@@ -273,6 +271,9 @@ def init(context: Context) -> None:
                                 timeout=datetime.timedelta(seconds=timeout))
         except RuntimeError as error:        # torch's DistNetworkError and DistStoreError among them
             raise rendezvous_failure(context, address, timeout, error) from None
+
+
+STDERR = 2        # the file descriptor, which C++ libraries write to as well as Python
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 from tests.test_distributed import FAILING_DRIVER
-from tests.test_faults_interruptions import HANG, HUNG_RANK_1, faulty_job
+from tests.test_faults_interruptions import FAULTY_DRIVER, HANG, HUNG_RANK_1, faulty_job
 
 RUN = ["train.py", "-c", "configs/diabetes.yaml", "configs/Random.yaml", "--set", "hyperparameter_steps=2"]
 VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -137,5 +137,34 @@ def test_a_rank_started_by_hand_that_fails_mid_run_is_one_line_on_each_rank(tmp_
 def test_a_stopped_rank_is_named_as_hung_not_by_the_launchers_signal(tmp_path):
     """Bug: a SIGSTOPped rank, which the launcher then killed, was reported "died from signal SIGKILL"."""
     argv, env = faulty_job(tmp_path, "SIGSTOP")
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=HANG, env=env)
+    assert result.returncode == 1 and result.stderr == HUNG_RANK_1, result.stderr
+
+
+# Rank 2 reaches the collective that rank 1 never reaches 1.5 s after rank 0, so it times out later.
+LATE_RANK_2 = '''
+import time
+
+import train
+
+late = train.Learner.weight_step
+
+
+def weight_step(self, stepper):
+    if self.context.rank == 2 and self.steps_done == 25:
+        time.sleep(1.5)
+    return late(self, stepper)
+
+
+train.Learner.weight_step = weight_step
+'''
+
+
+@pytest.mark.slow
+def test_of_three_ranks_the_hung_one_is_named_not_one_that_waited_for_it(tmp_path):
+    """Ranks 0 and 2 time out waiting for rank 1, rank 2 later: the launcher, which hears of rank 0
+    first, must not take rank 2, still waiting, for a hung rank too."""
+    argv, env = faulty_job(tmp_path, "hang", "--nproc", "3")
+    Path(argv[0]).write_text(LATE_RANK_2 + FAULTY_DRIVER)
     result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=HANG, env=env)
     assert result.returncode == 1 and result.stderr == HUNG_RANK_1, result.stderr
