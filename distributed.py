@@ -173,15 +173,12 @@ class Failure:
 
 
 def report_failure(rank: int, line: str, timed_out: bool) -> None:
-    """Rank side: tell the launcher why this rank fails, then mute its stderr, where the libraries
-    would complain, as the rank dies, of peers gone. Without a launcher, the rank says it itself."""
+    """Rank side: tell the launcher why this rank fails; without a launcher, say it on stderr."""
     if _launcher_store is None:
         print(f"train.py: error on rank {rank}: {line}", file=sys.stderr, flush=True)
-        return
-    _launcher_store.set(f"{FAILURE_KEY}{rank}", json.dumps({"line": line, "timed_out": timed_out,
-                                                            "time": time.time()}))
-    sys.stderr.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), STDERR)
+    else:
+        _launcher_store.set(f"{FAILURE_KEY}{rank}", json.dumps({"line": line, "timed_out": timed_out,
+                                                                "time": time.time()}))
 
 
 def reported_failures(store: dist.TCPStore, world_size: int) -> dict[int, Failure]:
