@@ -23,9 +23,12 @@ import atexit
 import contextlib
 import ctypes
 import datetime
+import json
+import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,10 +63,38 @@ traffic = {"all_reduces": 0, "bytes": 0}
 
 
 def from_environment(device: str = "cpu") -> Context:
-    """The context torchrun (or our own launcher) describes in RANK / WORLD_SIZE, on this rank's
-    device for the configured `device` (LOCAL_RANK picks the GPU)."""
-    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   rank_device(device, int(os.environ.get("LOCAL_RANK", 0))))
+    """The context torchrun (or our own launcher, or a user by hand) describes in RANK / WORLD_SIZE,
+    on this rank's device for the configured `device` (LOCAL_RANK picks the GPU); a value that cannot
+    describe a rank of the job is a ConfigError naming it."""
+    world_size = environment_number("WORLD_SIZE", 1, 1, None, "the number of processes of the job")
+    rank = environment_number("RANK", 0, 0, world_size - 1, f"this process's place among WORLD_SIZE={world_size}, "
+                              f"each process its own")
+    local_rank = environment_number("LOCAL_RANK", 0, 0, local_world_size(world_size) - 1,
+                                    "this process's place among the job's processes on this machine")
+    return Context(rank, world_size, rank_device(device, local_rank))
+
+
+def local_world_size(world_size: int) -> int:
+    """How many of the job's `world_size` processes run on this machine (LOCAL_WORLD_SIZE; all by default)."""
+    return environment_number("LOCAL_WORLD_SIZE", world_size, 1, world_size,
+                              f"the processes on this machine, of WORLD_SIZE={world_size}")
+
+
+def environment_number(name: str, default: int, low: int, high: int | None, meaning: str) -> int:
+    """The environment variable `name` as a whole number from `low` to `high` (None: no limit), or
+    `default` where it is unset; otherwise a ConfigError naming the variable, its value and `meaning`."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"a whole number at least {low}" if high is None else str(low) if high == low \
+            else f"a whole number from {low} to {high}"
+        raise ConfigError(f"{name}={value}: must be {bounds} ({meaning})")
+    return number
 
 
 def backend(device: torch.device) -> str:
@@ -128,20 +159,54 @@ def launcher_stop(now: bool = False) -> str | None:
     return _stop_reason
 
 
+# A rank of a local job that fails tells the launcher why through the store and says nothing itself:
+# the launcher, which sees every rank, prints the one line that explains the job's end.
+FAILURE_KEY = "onepass/failure/"
+
+
+@dataclass(frozen=True)
+class Failure:
+    rank: int
+    line: str              # what went wrong, in a line
+    timed_out: bool        # it waited in vain for another rank: the cause lies elsewhere
+    time: float            # when (time.time(), the same clock on every rank of the machine)
+
+
+def report_failure(rank: int, line: str, timed_out: bool) -> None:
+    """Rank side: tell the launcher why this rank fails; without a launcher, say it on stderr."""
+    if _launcher_store is None:
+        print(f"train.py: error on rank {rank}: {line}", file=sys.stderr, flush=True)
+    else:
+        _launcher_store.set(f"{FAILURE_KEY}{rank}", json.dumps({"line": line, "timed_out": timed_out,
+                                                                "time": time.time()}))
+
+
+def reported_failures(store: dist.TCPStore, world_size: int) -> dict[int, Failure]:
+    """Launcher side: the failures the ranks have reported, by rank."""
+    keys = {rank: f"{FAILURE_KEY}{rank}" for rank in range(world_size)}
+    return {rank: Failure(rank, **json.loads(store.get(key))) for rank, key in keys.items() if store.check([key])}
+
+
 TIMEOUT_VARIABLE = "ONEPASS_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0     # seconds
+# Below a second, a busy machine's ordinary delays fail the job; above a day, a hang goes unnoticed
+# (and far above, the value no longer fits a timedelta).
+TIMEOUT_RANGE = (1.0, 86400.0)
 
 
 def collective_timeout() -> float:
     """How long a rank waits for the others in any collective (seconds; the environment variable
-    ONEPASS_COLLECTIVE_TIMEOUT, default 60) before it fails: a hung or dead rank ends the job."""
+    ONEPASS_COLLECTIVE_TIMEOUT, default 60, from 1 s to a day) before it fails: a hung or dead rank
+    ends the job."""
     value = os.environ.get(TIMEOUT_VARIABLE, "")
     try:
         seconds = float(value) if value else DEFAULT_TIMEOUT
     except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"{TIMEOUT_VARIABLE}={value}: must be a positive number of seconds")
+        seconds = math.nan
+    low, high = TIMEOUT_RANGE
+    if not low <= seconds <= high:
+        raise ConfigError(f"{TIMEOUT_VARIABLE}={value}: must be a number of seconds from {low:g} to {high:g} "
+                          f"(a day); unset, it is {DEFAULT_TIMEOUT:g}")
     return seconds
 
 
@@ -186,17 +251,79 @@ _joined_a_group = False      # see exit_process
 def _init_process_group(backend: str, **options: object) -> None:
     global _joined_a_group
     _joined_a_group = True
-    dist.init_process_group(backend, **options)
+    with held_back_stderr():
+        dist.init_process_group(backend, **options)
 
 
 def init(context: Context) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPU) when there is more than one rank (under
-    torchrun: the ranks on this machine, LOCAL_WORLD_SIZE, share its cores)."""
+    torchrun: the ranks on this machine, LOCAL_WORLD_SIZE, share its cores), meeting at MASTER_ADDR
+    and MASTER_PORT. A group that cannot form there is a ConfigError saying what to set right."""
     if context.active and not dist.is_initialized():
-        util.share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size)))
+        address, timeout = meeting_point(context.world_size), collective_timeout()
+        util.share_cores(local_world_size(context.world_size))
         use_device(context.device)
-        _init_process_group(backend(context.device), rank=context.rank, world_size=context.world_size,
-                            timeout=datetime.timedelta(seconds=collective_timeout()))
+        try:
+            _init_process_group(backend(context.device), rank=context.rank, world_size=context.world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as error:        # torch's DistNetworkError and DistStoreError among them
+            raise rendezvous_failure(context, address, timeout, error) from None
+
+
+STDERR = 2        # the file descriptor, which C++ libraries write to as well as Python
+
+
+@contextlib.contextmanager
+def held_back_stderr() -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 (where C++ libraries write) while the block
+    runs: passed on if it succeeds, dropped if it raises, as its one-line report says it all (c10d
+    logs every failed attempt to connect, with a C++ stack)."""
+    sys.stderr.flush()
+    real = os.dup(STDERR)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), STDERR)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(real, STDERR)
+            os.close(real)
+            if succeeded:
+                held.seek(0)
+                os.write(STDERR, held.read())
+
+
+def meeting_point(world_size: int) -> str:
+    """Where the ranks of a job started by torchrun or by hand meet: MASTER_ADDR (rank 0's machine)
+    and MASTER_PORT (a free port there), which every rank needs."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: every process of a job "
+                          f"started by hand needs MASTER_ADDR and MASTER_PORT, rank 0's machine and a free port there, "
+                          f"the same for all (or start them with torchrun, or use train.py --nproc {world_size})")
+    port = environment_number("MASTER_PORT", 0, 1, 65535, "the port on MASTER_ADDR where the ranks meet")
+    return f"{os.environ['MASTER_ADDR']}:{port}"
+
+
+def rendezvous_failure(context: Context, address: str, timeout: float, error: RuntimeError) -> Exception:
+    """Why the ranks could not form their group, as a ConfigError naming what to set right where the
+    cause is known (else `error` itself)."""
+    last = context.world_size - 1
+    if "EADDRINUSE" in str(error):
+        return ConfigError(f"MASTER_PORT={address.rpartition(':')[2]} is already in use on this machine, perhaps by "
+                           f"another process started with RANK=0: give each process its own RANK from 0 to {last}, "
+                           f"and the job a free MASTER_PORT")
+    if not is_timeout(error):
+        return error
+    if context.is_rank0:
+        return ConfigError(f"WORLD_SIZE={context.world_size}: not every rank joined rank 0 at {address} within "
+                           f"{timeout:g} s; start all {context.world_size} processes, RANK=0 to {last}, with the same "
+                           f"MASTER_ADDR and MASTER_PORT ({TIMEOUT_VARIABLE} sets the wait)")
+    return ConfigError(f"RANK={context.rank}: no rank 0 answered at MASTER_ADDR:MASTER_PORT={address} within "
+                       f"{timeout:g} s; start the process with RANK=0 on that machine, with the same MASTER_PORT "
+                       f"({TIMEOUT_VARIABLE} sets the wait)")
 
 
 def exit_process(code: int) -> NoReturn:

@@ -15,6 +15,7 @@ import errno
 import functools
 import json
 import math
+import multiprocessing.connection
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import algorithms
 import config
@@ -796,8 +798,7 @@ def check_launch(cfg: Config, world_size: int, local_world_size: int | None = No
     rank has a GPU of its own: the `local_world_size` ranks on this machine (default: all) need as
     many visible GPUs."""
     local_world_size = local_world_size or world_size
-    if world_size > 1:
-        distributed.collective_timeout()
+    distributed.collective_timeout()       # a bad value is refused even where one process makes no use of it
     device = resolve_device(cfg.device)
     if world_size > 1 and device.type == "cuda":
         if ":" in cfg.device:
@@ -813,11 +814,13 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
                load_state: str | None, checkpoint_every: int | None, launcher: int) -> None:
     """One spawned process of `--nproc N`; it ends at once, and silently, if the launcher dies.
     Ctrl-C, which reaches every process of the terminal, is the launcher's to handle: it asks the
-    ranks to stop through the rendezvous store. SIGTERM keeps its default: the launcher's way to
-    end the other ranks when one has failed."""
+    ranks to stop through the rendezvous store. A rank that fails reports why to the launcher."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    context = distributed.join_local_group(rank, world_size, port, launcher, cfg.device)
+    # tqdm's default lock is a semaphore that a rank the launcher kills would leak (and the launcher's
+    # resource tracker would say so); a rank's bar needs no lock shared with other processes.
+    tqdm.set_lock(threading.RLock())
     try:
+        context = distributed.join_local_group(rank, world_size, port, launcher, cfg.device)
         run_dir, metrics = train(cfg, save_state, load_state, context, checkpoint_every,
                                  stop_requested=distributed.launcher_stop)
         if context.is_rank0:
@@ -826,13 +829,10 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: Config, save_state: s
                 print(interrupted(distributed.launcher_stop(now=True) or "a signal", metrics, save_state),
                       file=sys.stderr)
         distributed.shutdown(finished=True)
-        distributed.exit_process(0)
     except Exception as error:
-        # Said here, as it happens: the launcher may first hear of another rank's consequent failure.
-        print(f"train.py: error on rank {rank}: {rank_error(error)}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        distributed.shutdown()
+        distributed.report_failure(rank, rank_error(error), distributed.is_timeout(error))
+        distributed.exit_process(1)
+    distributed.exit_process(0)
 
 
 def rank_error(error: Exception) -> str:
@@ -840,13 +840,13 @@ def rank_error(error: Exception) -> str:
     if distributed.is_timeout(error):
         return (f"no answer from another rank within {distributed.collective_timeout():g} s in a collective "
                 f"operation: a rank hung or died ({distributed.TIMEOUT_VARIABLE} sets the limit)")
-    return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {one_line(error, 1000)}"
 
 
 def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str | None,
            checkpoint_every: int | None = None) -> int:
-    """Run `world_size` local processes; the first to fail stops the others and is reported. A
-    SIGINT or SIGTERM asks the ranks to stop after their current window (exit 130 or 143); a
+    """Run `world_size` local processes; the first to fail stops the others, and one line says why.
+    A SIGINT or SIGTERM asks the ranks to stop after their current window (exit 130 or 143); a
     second one abandons the run."""
     interruption = Interruption()
     catches = threading.current_thread() is threading.main_thread()
@@ -854,17 +854,13 @@ def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str
         ranks = torch.multiprocessing.spawn(
             _rank_main, args=(world_size, store.port, cfg, save_state, load_state, checkpoint_every, os.getpid()),
             nprocs=world_size, join=False)
-        asked = False
+        processes = ranks.processes
         try:
-            while not ranks.join(timeout=0.2):
-                if interruption() and not asked:
-                    distributed.request_stop(store, interruption.received.name)
-                    asked = True
-        except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as error:
-            print(f"train.py: error: {launch_failure(error, ranks.processes)}", file=sys.stderr)
-            return 1
+            if not watch(processes, store, interruption):
+                print(f"train.py: {stop_failed_job(processes, store)}", file=sys.stderr)
+                return 1
         except KeyboardInterrupt:            # a second Ctrl-C
-            for process in ranks.processes:
+            for process in processes:
                 process.kill()
             print("train.py: abandoned by a second SIGINT: the ranks were killed mid-window (the last periodic "
                   "checkpoint, if any, still resumes)", file=sys.stderr)
@@ -872,18 +868,69 @@ def launch(cfg: Config, world_size: int, save_state: str | None, load_state: str
     return interruption.exit_code() if interruption() else 0
 
 
-def launch_failure(error: Exception, processes: list) -> str:
-    """Why a job of local ranks stopped: the ranks killed by a signal (that the launcher did not
-    send: it stops the others with SIGTERM), else the rank that failed first."""
-    killed = [(rank, signal.Signals(-process.exitcode).name) for rank, process in enumerate(processes)
-              if process.exitcode is not None and process.exitcode < 0
-              and (-process.exitcode != signal.SIGTERM or rank == error.error_index)]
-    if killed:
-        return "; ".join(f"rank {rank} died from signal {name}" for rank, name in killed) + ", so the job stopped"
-    if isinstance(error, torch.multiprocessing.ProcessExitedException):
-        return f"rank {error.error_index} exited with code {error.exit_code}, so the job stopped"
-    return (f"the job stopped when the process of rank {error.error_index} failed; the first 'error on rank' "
-            f"line above is the cause")
+def watch(processes: list, store: torch.distributed.TCPStore, interruption: Interruption) -> bool:
+    """Wait until every rank has ended well (True) or one has failed (False), passing an
+    interruption on to the ranks as a request to stop."""
+    asked = False
+    while any(process.exitcode is None for process in processes):
+        if any(process.exitcode for process in processes):
+            return False
+        multiprocessing.connection.wait([process.sentinel for process in processes if process.exitcode is None],
+                                        timeout=0.2)
+        if interruption() and not asked:
+            distributed.request_stop(store, interruption.received.name)
+            asked = True
+    return not any(process.exitcode for process in processes)
+
+
+# Ranks that wait in vain for a hung one time out within moments of each other: those still running
+# this long after the first are the hung ones.
+TIMEOUT_GRACE = 5.0     # seconds
+
+
+def stop_failed_job(processes: list, store: torch.distributed.TCPStore) -> str:
+    """End a job one of whose ranks has failed; returns the line that says why it stopped."""
+    failures = distributed.reported_failures(store, len(processes))
+    if failures and min(failures.values(), key=lambda failure: failure.time).timed_out:
+        deadline = time.monotonic() + TIMEOUT_GRACE
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+    running = {rank for rank, process in enumerate(processes) if process.is_alive()}
+    for rank in running:
+        processes[rank].kill()        # SIGKILL: a stopped (SIGSTOP) process cannot act on SIGTERM
+    for process in processes:
+        process.join()
+    return launch_failure(processes, distributed.reported_failures(store, len(processes)), running)
+
+
+def launch_failure(processes: list, failures: dict[int, distributed.Failure], running: set[int]) -> str:
+    """Why a job of local ranks stopped, from their reports and exit codes, where `running` are the
+    ranks the launcher killed once the job had failed (never the cause of anything). First the ranks
+    that ended without a word (a signal, an exit code): another rank's error follows from theirs.
+    Then the first error reported; if it was a timeout, the ranks that never answered."""
+    silent = [(rank, process.exitcode) for rank, process in enumerate(processes)
+              if rank not in failures and rank not in running and process.exitcode]
+    if silent:
+        return "error: " + "; ".join(f"rank {rank} {exit_description(code)}" for rank, code in silent) + \
+            ", so the job stopped"
+    first = min(failures.values(), key=lambda failure: failure.time)
+    hung = sorted(running - failures.keys())
+    if first.timed_out and hung:
+        names = ", ".join(map(str, hung))
+        return (f"error: rank{'s' * (len(hung) > 1)} {names} stopped responding: the other ranks waited "
+                f"{distributed.collective_timeout():g} s for {'them' if len(hung) > 1 else 'it'} in a collective "
+                f"operation ({distributed.TIMEOUT_VARIABLE} sets the limit), so the job stopped")
+    return f"error on rank {first.rank}: {first.line}"
+
+
+def exit_description(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    if code > 0:
+        return f"exited with code {code}"
+    try:
+        return f"died from signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"died from signal {-code}"
 
 
 class Interruption:
@@ -930,10 +977,11 @@ def interrupted(reason: str, metrics: dict, save_state: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    context = distributed.SINGLE
     try:
         cfg, args = config.parse_command_line(argv)
         context = distributed.from_environment(cfg.device)     # set by torchrun; one process otherwise
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+        local_ranks = distributed.local_world_size(context.world_size)
         check_launch(cfg, max(args.nproc, context.world_size), max(args.nproc, local_ranks))
         if args.checkpoint_every and not args.save_state:
             raise ConfigError("--checkpoint_every: name the checkpoint file with -S FILE")
@@ -961,6 +1009,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not context.active:
+            raise
+        distributed.report_failure(context.rank, rank_error(error), distributed.is_timeout(error))
+        return 1
     if context.is_rank0:
         print(summary(run_dir, cfg, metrics), flush=True)
     if metrics["status"] == "interrupted":

@@ -51,6 +51,9 @@ def workload_data(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -
     return out
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a repository script as a user would, in a real subprocess."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a repository script as a user would, in a real subprocess (in `env`, if given, instead
+    of this process's environment)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)

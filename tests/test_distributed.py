@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -76,16 +75,16 @@ if __name__ == "__main__":
 
 
 def test_a_failing_rank_brings_the_job_down_with_its_error(tmp_path):
+    """Its error is the job's one line on stderr: not rank 0's consequent one, nor the libraries'
+    warnings, nor a pointer to a line printed elsewhere."""
     driver = tmp_path / "failing_driver.py"
     driver.write_text(FAILING_DRIVER)
-    start = time.monotonic()
     result = subprocess.run([sys.executable, str(driver), "-c", "configs/diabetes.yaml", "configs/Ours_LR.yaml",
                              "--nproc", "2", "-l", str(tmp_path / "runs")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            cwd=REPO, capture_output=True, text=True, timeout=600,      # only a hang takes this long
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert time.monotonic() - start < 60
-    assert result.returncode != 0
-    assert "injected failure on rank 1" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr == "train.py: error on rank 1: RuntimeError: injected failure on rank 1\n", result.stderr
     leftover = subprocess.run(["pgrep", "-f", str(driver)], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
 

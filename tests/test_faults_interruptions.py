@@ -23,6 +23,8 @@ import util
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
+# Only a hang takes this long, however busy the machine: the tests assert what happens, not how fast.
+HANG = 600     # seconds
 
 
 def command(log_root: Path, *extra: str) -> list[str]:
@@ -36,7 +38,7 @@ def start_and_wait_for(path: Path, argv: list[str], script: Path = REPO / "train
     """Start `script` in a real process; return once it has written `path` (it is training by then)."""
     process = subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG
     while not path.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, process.communicate()[1]
@@ -62,7 +64,7 @@ def test_a_signalled_run_stops_cleanly_and_resumes_bit_for_bit(signum, code, tmp
     process = start_and_wait_for(periodic, command(tmp_path / "runs", "--hyperparameter_steps", "100000",
                                                    "-S", str(state), "--checkpoint_every", "5"))
     process.send_signal(signum)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=HANG)
     assert process.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     windows = torch.load(state, weights_only=True)["windows_done"]
@@ -116,12 +118,12 @@ def test_a_signalled_nproc_job_stops_every_rank_after_the_same_window(signum, co
                                                   "-S", str(state), "--checkpoint_every", "5", "--nproc", "2")]
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env=os.environ | {"PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, process.communicate()[1]
     os.killpg(process.pid, signum) if group else process.send_signal(signum)
-    _, err = process.communicate(timeout=90)
+    _, err = process.communicate(timeout=HANG)
     assert process.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Warning" not in err, err
     windows = torch.load(state, weights_only=True)["windows_done"]
@@ -188,11 +190,11 @@ def test_tensorboard_shows_each_step_once_after_a_kill_and_a_resumption(tmp_path
     process = start_and_wait_for(periodic, command(tmp_path / "killed", *steps, "-S", str(periodic),
                                                    "--checkpoint_every", "300"))
     (events,) = (tmp_path / "killed").rglob("events.out.tfevents.*")
-    at_checkpoint, deadline = events.stat().st_size, time.monotonic() + 60
+    at_checkpoint, deadline = events.stat().st_size, time.monotonic() + HANG
     while events.stat().st_size < at_checkpoint + 30_000 and time.monotonic() < deadline:
         time.sleep(0.01)                  # until it has written windows past its checkpoint
     process.kill()
-    process.wait(timeout=30)
+    process.wait(timeout=HANG)
     assert torch.load(periodic, weights_only=True)["windows_done"] == 300
 
     assert train.main(command(tmp_path / "elsewhere", *steps, "-s", str(periodic))) == 0
@@ -225,7 +227,7 @@ def weight_step(self, stepper):
                 open(os.environ["MARK"], "w").close()
             time.sleep(1000)
         else:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.Signals[os.environ["FAULT"]])
     return original(self, stepper)
 
 
@@ -236,7 +238,8 @@ if __name__ == "__main__":
 
 
 def faulty_job(tmp_path, fault: str, *extra: str) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of a 2-rank job whose rank 1 hangs or is killed at step 25."""
+    """The command line and environment of a 2-rank job whose rank 1, at step 25, hangs (`fault`
+    "hang") or receives the signal named `fault` (e.g. "SIGKILL")."""
     driver = tmp_path / "faulty_driver.py"
     driver.write_text(FAULTY_DRIVER)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "FAULT": fault, "ONEPASS_COLLECTIVE_TIMEOUT": "3",
@@ -244,23 +247,24 @@ def faulty_job(tmp_path, fault: str, *extra: str) -> tuple[list[str], dict[str, 
     return [str(driver), *command(tmp_path / "runs", "--nproc", "2", *extra)], env
 
 
-def run_faulty_job(tmp_path, fault: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_faulty_job(tmp_path, fault: str) -> subprocess.CompletedProcess:
     argv, env = faulty_job(tmp_path, fault)
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    return result, time.monotonic() - start
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=HANG, env=env)
+
+
+HUNG_RANK_1 = ("train.py: error: rank 1 stopped responding: the other ranks waited 3 s for it in a collective "
+               "operation (ONEPASS_COLLECTIVE_TIMEOUT sets the limit), so the job stopped\n")
 
 
 def test_a_hung_rank_ends_the_job_when_the_collective_times_out(tmp_path):
-    result, seconds = run_faulty_job(tmp_path, "hang")
-    assert result.returncode == 1 and seconds < 40, result.stderr
-    assert "train.py: error on rank 0: no answer from another rank within 3 s" in result.stderr
+    result = run_faulty_job(tmp_path, "hang")
+    assert result.returncode == 1 and result.stderr == HUNG_RANK_1, result.stderr
 
 
 def test_a_killed_rank_is_named_with_its_signal(tmp_path):
-    result, seconds = run_faulty_job(tmp_path, "kill")
-    assert result.returncode == 1 and seconds < 40, result.stderr
-    assert "train.py: error: rank 1 died from signal SIGKILL" in result.stderr
+    result = run_faulty_job(tmp_path, "SIGKILL")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "train.py: error: rank 1 died from signal SIGKILL, so the job stopped\n"
 
 
 def alive(pid: int) -> bool:
@@ -281,8 +285,8 @@ def test_the_ranks_of_a_killed_launcher_end_with_it_silently(tmp_path):
     assert len(ranks) >= 2
     launcher.kill()
     try:
-        _, err = launcher.communicate(timeout=20)      # every rank has closed its end of stderr
-        deadline = time.monotonic() + 10                # and is exiting
+        _, err = launcher.communicate(timeout=HANG)    # every rank has closed its end of stderr
+        deadline = time.monotonic() + HANG              # and is exiting
         while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(alive(pid) for pid in ranks)
@@ -325,7 +329,7 @@ def test_a_batch_records_the_run_whose_worker_died_and_goes_on(tmp_path):
     result = subprocess.run(
         [sys.executable, str(driver), "-l", str(tmp_path), "-d", "diabetes", "-a", "Random", "--generator",
          "iterations", "--count", "4", "--seed", "0", "--workers", "2", *(f"--set={value}" for value in short)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=HANG,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "KILL_SEED": str(points[1]["seed"])})
     assert result.returncode == 1, result.stderr
     assert "3 completed, 1 failed" in result.stdout, result.stderr
