@@ -155,8 +155,8 @@ def test_resnet18_has_torchvisions_architecture():
 
 
 def test_models_refuse_data_of_the_wrong_shape(workload_data, tmp_path, capsys):
-    code = train.main(["-c", str(REPO / "configs/cifar10.yaml"), "--set", "model.name=lstm",
-                       "--set", f"dataset.data_dir={workload_data}", "-l", str(tmp_path)])
+    code = train.main(["-c", str(REPO / "configs/cifar10.yaml"), "--set", "model.name=lstm", "--batch_size", "15",
+                       "--set", f"dataset.data_dir={workload_data}", "-l", str(tmp_path)])    # 45 stand-in images
     assert code == 2 and "takes token ids, but the dataset's inputs are images" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
