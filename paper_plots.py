@@ -265,6 +265,7 @@ def sensitivity_figure(report: Report, prefix: str, title: str, runs: list[util.
         figure, axes = figures.new_figure(width=5.2, height=3.6)
         figures.plot_heatmap(axes, grid, "i (look-back)", "T (weight steps per hyperparameter step)",
                              f"median {label}")
+        axes.set_title(f"{title}: {results_table.paper_name(algorithm)}, median {label}", fontsize=9)
         report.add(f"{title}: sensitivity of {algorithm}", f"Median {label} over initialisations for each T and i.",
                    figures.save(figure, report.out / f"{prefix}_sensitivity_{algorithm}"))
 
@@ -294,6 +295,7 @@ def hypergradient_comparison(report: Report, prefix: str, title: str, runs: list
         figure, axes = figures.new_figure(width=5.2, height=3.6)
         figures.plot_heatmap(axes, grid, "i (Neumann terms; unrolled steps R = i)", "T (weight steps)",
                              "median relative error")
+        axes.set_title(f"{title}: error of the first {name.lower().replace('_', ' ')} hypergradient", fontsize=9)
         report.add(f"{title}: hypergradient error ({name})", f"Relative error of the implicit (Ours) first "
                    f"hypergradient of {name.lower()} against Diff-through-Opt's from the same initialisation, T "
                    f"and i (R = i), median over {sum(map(len, errors.values()))} pairs. At i = R = 1 both "
@@ -314,7 +316,8 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
     random = [run for run in runs if run.config["algorithm"] == "Random"]
     ours = [run for run in runs if run.config["algorithm"] == "Ours_LR"]
     if len(random) < 10 or not ours:
-        report.skip(f"{title}: proof-of-concept plot", f"needs at least 10 Random runs and some Ours_LR runs "
+        report.skip(f"{title}: proof-of-concept plot", f"needs at least 10 Random runs and some "
+                    f"{results_table.paper_name('Ours_LR')} runs "
                     f"(has {len(random)} and {len(ours)})")
         return
     inputs = np.array([[math.log10(run.config["optimiser"]["lr"]), math.log10(run.config["optimiser"]["weight_decay"])]
@@ -338,9 +341,12 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), xlabel="log10 learning rate",
              ylabel="log10 weight decay")
     axes.grid(False)
+    ours_name = results_table.paper_name("Ours_LR")
+    axes.set_title(f"{title}: {ours_name} over Random's {label}", fontsize=9)
     report.add(f"{title}: proof of concept", f"Background: a Gaussian-process fit (RBF + white noise) of the log10 "
                f"{label} of {len(random)} Random runs over their fixed (lr, weight decay); diverged runs count as "
-               f"{cap:g}. Lines: {min(len(ours), 20)} Ours_LR runs' hyperparameters during training, from the dots.",
+               f"{cap:g}. Lines: {min(len(ours), 20)} {ours_name} runs' hyperparameters during training, from the "
+               f"dots.",
                figures.save(figure, report.out / f"{prefix}_proof_of_concept"))
 
 
@@ -375,7 +381,7 @@ def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], oth
     others_by_algorithm: dict[str, list[util.Run]] = {}
     for run in sorted(others, key=lambda run: results_table.order_key(run.config["algorithm"])):
         others_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
-    envelopes = {algorithm: figures.on_time_grid(group, tag) for algorithm, group in others_by_algorithm.items()}
+    envelopes = envelope_curves(others_by_algorithm, tag, "time")
     envelopes[figures.BAYESOPT] = (grid, values)
     figures.plot_envelopes(axes, envelopes, "wall time (s)", LABELS[tag])
     axes.set_xscale("symlog", linthresh=0.1)

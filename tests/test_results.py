@@ -295,7 +295,7 @@ def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path,
     assert three[0] == "2" and three[-1] == "0"
     assert "![UCI Energy (main): CDF](main_uci_energy_cdf.png)" in report
     assert "sensitivity" not in report.lower().split("## not made")[0]
-    assert "proof-of-concept plot: needs at least 10 Random runs and some Ours_LR runs (has 4 and 0)" in \
+    assert "proof-of-concept plot: needs at least 10 Random runs and some Ours (WD+LR) runs (has 4 and 0)" in \
         capsys.readouterr().out
 
 
