@@ -19,18 +19,12 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+import results_table
 import util
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The paper's order of algorithms (the 3-batched Random comes after the stepped-lr one, the exact
-# Baydin beside Baydin's, in its lighter shade).
-ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Validation", "Random_TrainingSetOnly",
-                   "Lorraine", "Baydin", "Baydin_Exact", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
-                   "DiffThroughOpt",
-                   "LongDiffThroughOpt_UCI_Standalone", "LongDiffThroughOpt_UCI_Full",
-                   "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium")
 BOOTSTRAP_SAMPLES = 1000
 BAYESOPT = "Bayesian optimisation"
 
@@ -70,13 +64,14 @@ def summarise(values: np.ndarray, threshold: float = math.inf, seed: int = 0) ->
 
 
 def three_batched_note(runs: int) -> str:
-    """What the Random_3Batched row of a table is built from, and why it may lack a statistic."""
+    """What the Random (3-batched) row of a table is built from, and why it may lack a statistic."""
     triples, what = runs // 3, "the test value of the run with the best final validation loss in each"
     if triples == 0:
-        return (f"Random_3Batched: {what} random triple of the Random_Validation runs; {runs} runs make no triple, "
-                f"so its row has no value (-).")
+        return (f"Random (3-batched): {what} random triple of the Random (full validation) runs; {runs} runs make "
+                f"no triple, so its row has no value (-).")
     left_over = f" ({runs % 3} left over, dropped)" if runs % 3 else ""
-    note = f"Random_3Batched: {what} of {triples} random triples of the {runs} Random_Validation runs{left_over}."
+    note = f"Random (3-batched): {what} of {triples} random triples of the {runs} Random (full validation) " \
+           f"runs{left_over}."
     return note + (" One triple (fewer than 6 runs) gives one value: no standard error." if triples == 1 else "")
 
 
@@ -107,19 +102,13 @@ def final_values_by_algorithm(runs: dict[str, util.Run], tag: str, seed: int = 0
     if "Random_Validation" in grouped:
         validation = np.array([final_value(run, "Loss/Validation") for run in grouped["Random_Validation"]])
         values["Random_3Batched"] = three_batched(values["Random_Validation"], validation, seed)
-    return dict(sorted(values.items(), key=lambda item: order_key(item[0])))
-
-
-def order_key(algorithm: str) -> tuple[int, str]:
-    """Sorts algorithms in the paper's order, unknown ones last by name."""
-    order = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
-    return order, algorithm
+    return dict(sorted(values.items(), key=lambda item: results_table.order_key(item[0])))
 
 
 # -------------------------------------------------------------------------------------------------
 # Tables
 
-def results_table(summaries: dict[str, Summary], scale: float = 1.0) -> tuple[list[str], list[list[str]], list[str]]:
+def statistics_table(summaries: dict[str, Summary], scale: float = 1.0) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, rows and LaTeX rows of one dataset's table: mean, median (each +- bootstrap s.e.),
     best and diverged count per algorithm. The lowest mean and median, and any within the best's
     standard error of it, are marked (Markdown bold, LaTeX \\textbf)."""
@@ -133,19 +122,19 @@ def results_table(summaries: dict[str, Summary], scale: float = 1.0) -> tuple[li
             return "-", False
         text = f"{value * scale:.4g} ± {error * scale:.2g}" if math.isfinite(error) else f"{value * scale:.4g}"
         return text, value <= best + best_error
-    header = ["algorithm", "mean ± s.e.", "median ± s.e.", "best", "diverged"]
+    header = ["algorithm", "runs", "mean ± s.e.", "median ± s.e.", "best", "diverged"]
     rows, latex = [], []
     for name, summary in summaries.items():
         mean, mean_best = marked(name, summary.mean, summary.mean_se, "mean")
         median, median_best = marked(name, summary.median, summary.median_se, "median")
         best = f"{summary.best * scale:.4g}" if summary.runs else "-"
-        diverged = f"{summary.diverged}/{summary.runs + summary.diverged}"
-        rows.append([name, f"**{mean}**" if mean_best else mean, f"**{median}**" if median_best else median,
+        shown, runs, diverged = results_table.paper_name(name), str(summary.runs), str(summary.diverged)
+        rows.append([shown, runs, f"**{mean}**" if mean_best else mean, f"**{median}**" if median_best else median,
                      best, diverged])
-        cells = [name.replace("_", "\\_"), mean.replace("±", "$\\pm$"), median.replace("±", "$\\pm$"), best,
-                 diverged]
-        cells[1] = f"\\textbf{{{cells[1]}}}" if mean_best else cells[1]
-        cells[2] = f"\\textbf{{{cells[2]}}}" if median_best else cells[2]
+        cells = [shown.replace("_", "\\_").replace("×", "$\\times$"), runs, mean.replace("±", "$\\pm$"),
+                 median.replace("±", "$\\pm$"), best, diverged]
+        cells[2] = f"\\textbf{{{cells[2]}}}" if mean_best else cells[2]
+        cells[3] = f"\\textbf{{{cells[3]}}}" if median_best else cells[3]
         latex.append(" & ".join(cells) + " \\\\")
     return header, rows, latex
 
@@ -166,7 +155,8 @@ MARKERS_PER_CURVE = 8
 def place(algorithm: str) -> int:
     """An algorithm's fixed index into the palette and the style cycles; unknown names by a stable
     checksum (Python's str hash differs from process to process)."""
-    return ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else zlib.crc32(algorithm.encode())
+    order = results_table.ALGORITHM_ORDER
+    return order.index(algorithm) if algorithm in order else zlib.crc32(algorithm.encode())
 
 
 def colour(algorithm: str) -> tuple | str:
@@ -186,7 +176,8 @@ def line_style(algorithm: str, position: int = 0, count: int = 1, points: int = 
     style = index % len(LINE_STYLES)
     return {"color": colour(algorithm), "linestyle": LINE_STYLES[style], "zorder": 2 + 0.1 * style,
             "marker": MARKERS[index % len(MARKERS)], "markevery": (position * every // max(count, 1), every),
-            "markerfacecolor": "none", "markersize": 4.5, "linewidth": 1.3, "alpha": 0.9, "label": algorithm}
+            "markerfacecolor": "none", "markersize": 4.5, "linewidth": 1.3, "alpha": 0.9,
+            "label": results_table.paper_name(algorithm)}
 
 
 def new_figure(width: float = 7.0, height: float = 3.4) -> tuple[plt.Figure, plt.Axes]:
@@ -260,10 +251,14 @@ def nanmedian(values: np.ndarray, axis: int) -> np.ndarray:
 def plot_envelopes(axes: plt.Axes, curves: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str,
                    ylabel: str) -> None:
     """Each algorithm's bootstrap median of its curves (x, values[run, x]), with the central 68% of
-    the bootstrap medians as a band; log y. Algorithms without a value are left out."""
+    the bootstrap medians as a band; log y. Drawn only where every run of the algorithm has a value
+    (a diverged run's are +inf from its divergence on): a median over a set of runs that shrinks as
+    runs end would jump. Algorithms without a value are left out."""
     shown = {algorithm: curve for algorithm, curve in curves.items() if has_values(curve[1])}
     for position, (algorithm, (x, values)) in enumerate(shown.items()):
-        centre, low, high = bootstrap_median_band(values)
+        every_run = ~np.isnan(values).any(axis=0)
+        centre, low, high = (np.where(every_run & np.isfinite(line), line, np.nan)
+                             for line in bootstrap_median_band(values))
         axes.plot(x, centre, **line_style(algorithm, position, len(shown), len(x)))
         axes.fill_between(x, low, high, color=colour(algorithm), alpha=0.15, linewidth=0)
     axes.set_yscale("log")
@@ -278,22 +273,26 @@ def has_values(values: np.ndarray) -> bool:
 
 
 def on_time_grid(runs: list[util.Run], tag: str, points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Each run's `tag` against its elapsed wall time, on a common grid (NaN after a run ends)."""
-    curves = [(s.wall_times - s.wall_times[0], s.values) for s in (run.scalars[tag] for run in runs
-                                                                   if tag in run.scalars) if len(s.steps)]
-    end = max((elapsed[-1] for elapsed, _ in curves), default=0.0)
+    """Each run's `tag` against its elapsed wall time, on a common grid: values[run, time], a row
+    per run (NaN after a run ends, and throughout for a run without the tag)."""
+    curves = [(s.wall_times - s.wall_times[0], s.values) if s is not None and len(s.steps) else None
+              for s in (run.scalars.get(tag) for run in runs)]
+    end = max((curve[0][-1] for curve in curves if curve is not None), default=0.0)
     grid = np.linspace(0.0, end, points)
-    values = np.array([np.interp(grid, elapsed, data, right=np.nan) for elapsed, data in curves])
+    values = np.array([np.interp(grid, *curve, right=np.nan) if curve is not None else np.full(points, np.nan)
+                       for curve in curves]).reshape(len(runs), points)
     return grid, values
 
 
 def plot_trajectories(axes: plt.Axes, runs: list[util.Run], tag: str, count: int = 20, seed: int = 0) -> None:
-    """`count` randomly chosen runs' trajectories of `tag` (e.g. Last_Hyperparameter/Lr), log y."""
+    """`count` randomly chosen runs' trajectories of `tag` (a Last_* tag of each hyperparameter step,
+    e.g. Last_Hyperparameter/Lr) against the weight step that ends each window, log y: algorithms
+    with windows of other lengths (Baydin's one-step windows) share the x axis."""
     chosen = np.random.default_rng(seed).permutation(len(runs))[:count]
     for index in chosen:
-        scalar = runs[index].scalars.get(tag)
+        scalar, steps = runs[index].scalars.get(tag), runs[index].config.get("network_weight_steps", 1)
         if scalar is not None:
-            axes.plot(scalar.steps, scalar.values, linewidth=0.8, alpha=0.8)
+            axes.plot((scalar.steps + 1) * steps, scalar.values, linewidth=0.8, alpha=0.8)
     axes.set_yscale("log")
 
 
@@ -306,11 +305,11 @@ def trajectory_panels(groups: dict[str, list[util.Run]], tag: str, ylabel: str, 
                                   squeeze=False)
     for axes, (algorithm, runs) in zip(panels.flat, groups.items(), strict=False):
         plot_trajectories(axes, runs, tag)
-        axes.set_title(algorithm, fontsize=8)
+        axes.set_title(results_table.paper_name(algorithm), fontsize=8)
         axes.grid(alpha=0.3)
     for axes in panels.flat[len(groups):]:
         axes.set_visible(False)
-    figure.supxlabel("hyperparameter step", fontsize=9)
+    figure.supxlabel("weight step", fontsize=9)
     figure.supylabel(ylabel, fontsize=9)
     return figure
 
@@ -324,7 +323,8 @@ def plot_violins(axes: plt.Axes, values: dict[str, np.ndarray], ylabel: str) -> 
         body.set(facecolor=colour(name), edgecolor=colour(name), alpha=0.5)
     for lines in ("cbars", "cmins", "cmaxes", "cmedians"):
         parts[lines].set_color([colour(name) for name in names])
-    axes.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=7)
+    axes.set_xticks(range(1, len(names) + 1), [results_table.paper_name(name) for name in names], rotation=45,
+                    ha="right", fontsize=7)
     axes.set_ylabel(ylabel)
 
 

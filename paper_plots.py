@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import figures
+import results_table
 import util
 from schema import ConfigError
 
@@ -142,14 +143,15 @@ def changes(run: util.Run, tag: str) -> bool:
 def main_figures(report: Report, prefix: str, title: str, runs: list[util.Run], dataset: str) -> None:
     tag, label = headline(dataset)
     runs_by_algorithm: dict[str, list[util.Run]] = {}
-    for run in sorted(runs, key=lambda run: figures.order_key(run.config["algorithm"])):
+    for run in sorted(runs, key=lambda run: results_table.order_key(run.config["algorithm"])):
         runs_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
     finals = figures.final_values_by_algorithm({str(i): run for i, run in enumerate(runs)}, tag)
-    results_table(report, prefix, title, label, finals, len(runs_by_algorithm.get("Random_Validation", ())))
+    statistics_section(report, prefix, title, label, finals, len(runs_by_algorithm.get("Random_Validation", ())))
 
     if figures.plottable_cdfs(finals):
         figure, axes = figures.new_figure()
         figures.plot_cdfs(axes, finals, label)
+        axes.set_title(f"{title}: {label} ({count_note(runs_by_algorithm)})", fontsize=9)
         report.add(f"{title}: CDF", f"Empirical CDF of the {label} of every run, per algorithm.",
                    figures.save(figure, report.out / f"{prefix}_cdf"))
     else:
@@ -161,10 +163,11 @@ def main_figures(report: Report, prefix: str, title: str, runs: list[util.Run], 
     tuned = {algorithm: group for algorithm, group in runs_by_algorithm.items()
              if any(changes(run, LR) for run in group)}
     if tuned:
+        panels = figures.trajectory_panels(tuned, LR, LABELS[LR])
+        panels.suptitle(f"{title}: learning rate of up to 20 runs per algorithm", fontsize=9)
         report.add(f"{title}: learning-rate trajectories", "The learning rate of 20 randomly chosen runs of each "
-                   "algorithm that changes it, at every hyperparameter step.",
-                   figures.save(figures.trajectory_panels(tuned, LR, LABELS[LR]),
-                                report.out / f"{prefix}_learning_rates"))
+                   "algorithm that changes it, at the end of every hyperparameter step, against the weight step.",
+                   figures.save(panels, report.out / f"{prefix}_learning_rates"))
     else:
         report.skip(f"{title}: learning-rate trajectories", "no run here changes its learning rate")
 
@@ -173,25 +176,27 @@ def main_figures(report: Report, prefix: str, title: str, runs: list[util.Run], 
     if any(np.isfinite(values).any() for values in seconds.values()):
         figure, axes = figures.new_figure()
         figures.plot_violins(axes, seconds, "training time per run (s)")
+        axes.set_title(f"{title}: training time per run ({count_note(runs_by_algorithm)})", fontsize=9)
         report.add(f"{title}: run times", "Distribution of each algorithm's training seconds per run.",
                    figures.save(figure, report.out / f"{prefix}_runtimes"))
     else:
         report.skip(f"{title}: run times", "no run records its training seconds (metrics.json's train_seconds)")
 
 
-def results_table(report: Report, prefix: str, title: str, label: str, finals: dict[str, np.ndarray],
+def statistics_section(report: Report, prefix: str, title: str, label: str, finals: dict[str, np.ndarray],
                   validation_runs: int) -> None:
     """The table of final values (Markdown in the report, LaTeX rows beside it), with a note on each
     row that lacks a statistic, saying why."""
     summaries = {algorithm: figures.summarise(values) for algorithm, values in finals.items()}
-    header, rows, latex = figures.results_table(summaries)
+    header, rows, latex = figures.statistics_table(summaries)
     util.write_text(report.out / f"{prefix}_table.tex", "\n".join(latex) + "\n")
     notes = [figures.three_batched_note(validation_runs)] if "Random_3Batched" in finals else []
     for name, summary in summaries.items():
         total = summary.runs + summary.diverged
+        shown = results_table.paper_name(name)
         if name != "Random_3Batched" and summary.runs < 2:       # the 3-batched row's note says why
-            notes.append(f"{name}: only 1 of {total} runs ended with a finite value, so no standard error."
-                         if summary.runs else f"{name}: none of {total} runs ended with a finite value, so its "
+            notes.append(f"{shown}: only 1 of {total} runs ended with a finite value, so no standard error."
+                         if summary.runs else f"{shown}: none of {total} runs ended with a finite value, so its "
                          f"row has no value (-).")
     report.add(f"{title}: results table", f"{label}: mean and median over initialisations (± bootstrap standard "
                f"error, 1000 resamples), best, and diverged runs (left out); bold: the best, or within the "
@@ -199,21 +204,50 @@ def results_table(report: Report, prefix: str, title: str, label: str, finals: d
                text="\n\n".join([figures.markdown_table(header, rows), *notes]))
 
 
+def diverged_as_infinite(values: np.ndarray, runs: list[util.Run]) -> np.ndarray:
+    """values[run, x] with a diverged run's missing values (from its divergence on) +inf: worse than
+    any, so that the median over all runs stays defined where fewer than half diverged."""
+    values = values.copy()
+    for row, run in enumerate(runs):
+        if run.metrics.get("status") == "diverged":
+            values[row, np.isnan(values[row])] = np.inf
+    return values
+
+
+def envelope_curves(runs_by_algorithm: dict[str, list[util.Run]], tag: str,
+                    axis: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{algorithm: (x, values[run, x])} of `tag` against weight step or wall time."""
+    curves = {}
+    for algorithm, group in runs_by_algorithm.items():
+        x, values = util.stack(group, tag) if axis == "step" else figures.on_time_grid(group, tag)
+        curves[algorithm] = (x, diverged_as_infinite(values, group))
+    return curves
+
+
 def envelope_figures(report: Report, prefix: str, title: str, runs_by_algorithm: dict[str, list[util.Run]],
                      dataset: str) -> None:
     """The loss envelopes against weight step and against wall time (skipped when no run logs the curve)."""
     tag, label = curve_metric(dataset)
     for axis, xlabel in (("step", "weight step"), ("time", "wall time (s)")):
-        curves = {algorithm: util.stack(group, tag) if axis == "step" else figures.on_time_grid(group, tag)
-                  for algorithm, group in runs_by_algorithm.items()}
+        curves = envelope_curves(runs_by_algorithm, tag, axis)
         if not any(figures.has_values(values) for _, values in curves.values()):
             report.skip(f"{title}: envelope against {axis}", f"no run logs a finite {label} ({tag}) during training")
             continue
         figure, axes = figures.new_figure()
         figures.plot_envelopes(axes, curves, xlabel, label)
+        axes.set_title(f"{title}: {label} against {xlabel.split(' (')[0]} ({count_note(runs_by_algorithm)})",
+                       fontsize=9)
         report.add(f"{title}: envelope against {axis}", f"Bootstrap median of the {label} over runs (band: the "
-                   f"central 68% of 1000 bootstrap medians), against {xlabel}.",
+                   f"central 68% of 1000 bootstrap medians), against {xlabel}, where every run of the algorithm "
+                   f"has a value (a diverged run counts as infinitely bad from its divergence on).",
                    figures.save(figure, report.out / f"{prefix}_envelope_{axis}"))
+
+
+def count_note(runs_by_algorithm: dict[str, list]) -> str:
+    """'5 runs per algorithm', or '3 to 5 runs per algorithm'."""
+    counts = sorted({len(group) for group in runs_by_algorithm.values()})
+    runs = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    return f"{runs} run{'s' if counts[-1] > 1 else ''} per algorithm"
 
 
 def sensitivity_figure(report: Report, prefix: str, title: str, runs: list[util.Run], dataset: str) -> None:
@@ -231,6 +265,7 @@ def sensitivity_figure(report: Report, prefix: str, title: str, runs: list[util.
         figure, axes = figures.new_figure(width=5.2, height=3.6)
         figures.plot_heatmap(axes, grid, "i (look-back)", "T (weight steps per hyperparameter step)",
                              f"median {label}")
+        axes.set_title(f"{title}: {results_table.paper_name(algorithm)}, median {label}", fontsize=9)
         report.add(f"{title}: sensitivity of {algorithm}", f"Median {label} over initialisations for each T and i.",
                    figures.save(figure, report.out / f"{prefix}_sensitivity_{algorithm}"))
 
@@ -260,6 +295,7 @@ def hypergradient_comparison(report: Report, prefix: str, title: str, runs: list
         figure, axes = figures.new_figure(width=5.2, height=3.6)
         figures.plot_heatmap(axes, grid, "i (Neumann terms; unrolled steps R = i)", "T (weight steps)",
                              "median relative error")
+        axes.set_title(f"{title}: error of the first {name.lower().replace('_', ' ')} hypergradient", fontsize=9)
         report.add(f"{title}: hypergradient error ({name})", f"Relative error of the implicit (Ours) first "
                    f"hypergradient of {name.lower()} against Diff-through-Opt's from the same initialisation, T "
                    f"and i (R = i), median over {sum(map(len, errors.values()))} pairs. At i = R = 1 both "
@@ -280,7 +316,8 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
     random = [run for run in runs if run.config["algorithm"] == "Random"]
     ours = [run for run in runs if run.config["algorithm"] == "Ours_LR"]
     if len(random) < 10 or not ours:
-        report.skip(f"{title}: proof-of-concept plot", f"needs at least 10 Random runs and some Ours_LR runs "
+        report.skip(f"{title}: proof-of-concept plot", f"needs at least 10 Random runs and some "
+                    f"{results_table.paper_name('Ours_LR')} runs "
                     f"(has {len(random)} and {len(ours)})")
         return
     inputs = np.array([[math.log10(run.config["optimiser"]["lr"]), math.log10(run.config["optimiser"]["weight_decay"])]
@@ -304,9 +341,12 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), xlabel="log10 learning rate",
              ylabel="log10 weight decay")
     axes.grid(False)
+    ours_name = results_table.paper_name("Ours_LR")
+    axes.set_title(f"{title}: {ours_name} over Random's {label}", fontsize=9)
     report.add(f"{title}: proof of concept", f"Background: a Gaussian-process fit (RBF + white noise) of the log10 "
                f"{label} of {len(random)} Random runs over their fixed (lr, weight decay); diverged runs count as "
-               f"{cap:g}. Lines: {min(len(ours), 20)} Ours_LR runs' hyperparameters during training, from the dots.",
+               f"{cap:g}. Lines: {min(len(ours), 20)} {ours_name} runs' hyperparameters during training, from the "
+               f"dots.",
                figures.save(figure, report.out / f"{prefix}_proof_of_concept"))
 
 
@@ -339,12 +379,15 @@ def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], oth
                                                                   0, None)], np.nan) for times, values in curves])
     figure, axes = figures.new_figure()
     others_by_algorithm: dict[str, list[util.Run]] = {}
-    for run in sorted(others, key=lambda run: figures.order_key(run.config["algorithm"])):
+    for run in sorted(others, key=lambda run: results_table.order_key(run.config["algorithm"])):
         others_by_algorithm.setdefault(run.config["algorithm"], []).append(run)
-    envelopes = {algorithm: figures.on_time_grid(group, tag) for algorithm, group in others_by_algorithm.items()}
+    envelopes = envelope_curves(others_by_algorithm, tag, "time")
     envelopes[figures.BAYESOPT] = (grid, values)
     figures.plot_envelopes(axes, envelopes, "wall time (s)", LABELS[tag])
     axes.set_xscale("symlog", linthresh=0.1)
+    axes.set_xlim(left=0.0)                  # no negative time
+    axes.set_title(f"{results_table.dataset_name(dataset)}: {label}, Bayesian optimisation's best so far "
+                   f"({len(curves)} repetitions)", fontsize=9)
     report.add(f"Bayesian optimisation, {dataset}: best so far against time",
                f"Bayesian optimisation ({len(curves)} repetitions): the {label} of the run with the best validation "
                f"objective so far, against the cumulative training time of its sequence; the other algorithms: their "
@@ -369,6 +412,14 @@ def meta_scaling_figure(report: Report, runs: dict[str, util.Run]) -> None:
                "processes (with sample adapted decision boundaries), and the accuracy of 1000 fresh classifiers "
                "after adaptation against the number of processes (tasks per outer step).", paths,
                text=meta_scaling.table(results))
+
+
+def names_of(experiment: str, dataset: str) -> tuple[str, str]:
+    """(file name prefix, title) of an experiment's figures on a dataset: the dataset alone when the
+    experiment is named after it (or the folder is a flat list of runs)."""
+    alone = experiment in (dataset, "runs")
+    name = results_table.dataset_name(dataset)
+    return (dataset, name) if alone else (f"{experiment}_{dataset}", f"{name} ({experiment})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     for (experiment, dataset), group in sorted(groups.items()):
         if not group:
             continue
-        prefix, title = f"{experiment}_{dataset}", f"{experiment}, {dataset}"
+        prefix, title = names_of(experiment, dataset)
         in_grid = [run for run in group if setting_of(run) is not None]
         compared = in_grid and hypergradient_comparison(report, prefix, title, in_grid)
         long_enough = [run for run in in_grid if run.config["hyperparameter_steps"] > 2]

@@ -37,9 +37,37 @@ PAPER_NAMES = {
 }
 
 
+# How figures and reports name the datasets.
+DATASET_NAMES = {
+    "uci_boston": "UCI Boston Housing", "uci_concrete": "UCI Concrete", "uci_energy": "UCI Energy",
+    "uci_kin8nm": "UCI Kin8nm", "uci_naval": "UCI Naval", "uci_power": "UCI Power", "uci_wine": "UCI Wine",
+    "uci_yacht": "UCI Yacht", "fashion_mnist": "Fashion-MNIST", "fashion_mnist_BatchNorm": "Fashion-MNIST (BatchNorm)",
+    "cifar10": "CIFAR-10", "penn_treebank": "Penn Treebank", "penn_treebank_small": "Penn Treebank (small)",
+}
+
+
+def dataset_name(dataset: str) -> str:
+    return DATASET_NAMES.get(dataset, dataset)
+
+
+# The paper's order of algorithms in tables and legends (the 3-batched Random after the stepped-lr
+# one, the exact Baydin beside Baydin's).
+ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Validation", "Random_TrainingSetOnly",
+                   "Lorraine", "Baydin", "Baydin_Exact", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
+                   "DiffThroughOpt",
+                   "LongDiffThroughOpt_UCI_Standalone", "LongDiffThroughOpt_UCI_Full",
+                   "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium")
+
+
 def paper_name(algorithm: str) -> str:
     """The name the paper gives an algorithm config (the config's own name when it gives none)."""
     return PAPER_NAMES.get(algorithm, algorithm)
+
+
+def order_key(algorithm: str) -> tuple[int, str]:
+    """Sorts algorithms in the paper's order, unknown ones last by name."""
+    order = ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else len(ALGORITHM_ORDER)
+    return order, algorithm
 
 
 @dataclass
@@ -140,8 +168,9 @@ def render(results: Path, prog: str) -> str:
     """The results table of every run below `results`, one block per dataset and setting (its
     algorithms as rows, by their paper names), aligned for a terminal or a log; '' with no runs."""
     blocks: dict[str, list[list[str]]] = {}
-    for (block, algorithm), group in collect(results, prog).items():
-        blocks.setdefault(block, []).append(row(paper_name(algorithm), group))
+    groups = collect(results, prog)
+    for block, algorithm in sorted(groups, key=lambda key: (key[0], order_key(key[1]))):
+        blocks.setdefault(block, []).append(row(paper_name(algorithm), groups[block, algorithm]))
     return "\n\n".join(_aligned([f"{block}:", *HEADER], rows) for block, rows in blocks.items())
 
 

@@ -14,6 +14,7 @@ from scipy.stats import binom
 
 import config
 import parallel_exec
+import results_table
 import train
 import util
 from tests.conftest import REPO, run_cli
@@ -38,20 +39,21 @@ def write_finished_run(run_dir: Path, algorithm: str, final: dict[str, float | N
     log.close()
 
 
-def table_row(text: str, algorithm: str, separator: str) -> list[tuple[float, float]]:
-    """(value, standard error or NaN) of each statistic cell of `algorithm`'s row in a Markdown
-    (separator '|') or LaTeX ('&') table."""
-    name = algorithm.replace("_", "\\_") if separator == "&" else algorithm
+def table_row(text: str, algorithm: str, separator: str) -> tuple[int, list[tuple[float, float]]]:
+    """The runs and the (value, standard error or NaN) of each statistic cell of `algorithm`'s row
+    (by its paper name) in a Markdown (separator '|') or LaTeX ('&') table."""
+    name = results_table.paper_name(algorithm)
+    name = name.replace("_", "\\_").replace("×", "$\\times$") if separator == "&" else name
     for line in text.splitlines():
         cells = [cell.strip() for cell in line.strip(" |\\").split(separator)]
         if cells[0] == name:
             parsed = []
-            for cell in cells[1:4]:
+            for cell in cells[2:5]:
                 cell = cell.replace("**", "").replace("\\textbf{", "").replace("}", "").replace("$\\pm$", "±")
                 value, _, error = cell.partition("±")
                 parsed.append((float(value), float(error) if error else math.nan))
-            return parsed
-    raise AssertionError(f"no row {algorithm!r} in\n{text}")
+            return int(cells[1]), parsed
+    raise AssertionError(f"no row {name!r} in\n{text}")
 
 
 def exact_bootstrap_median_se(values: np.ndarray) -> float:
@@ -87,7 +89,8 @@ def tables(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.mark.parametrize("separator", ["|", "&"], ids=["markdown", "latex"])
 def test_table_errors_are_the_bootstrap_errors_of_the_mean_and_the_median(tables, separator):
-    (mean, mean_se), (median, median_se), (best, _) = table_row(tables[separator == "&"], "Random", separator)
+    runs, ((mean, mean_se), (median, median_se), (best, _)) = table_row(tables[separator == "&"], "Random", separator)
+    assert runs == len(RANDOM_FINALS)
     assert (mean, median, best) == (pytest.approx(RANDOM_FINALS.mean(), rel=1e-3), 11.0, 1.0)
     # The mean's bootstrap error is exactly the population standard deviation over sqrt(n).
     exact_mean_se = RANDOM_FINALS.std() / math.sqrt(len(RANDOM_FINALS))
@@ -97,7 +100,8 @@ def test_table_errors_are_the_bootstrap_errors_of_the_mean_and_the_median(tables
 
 @pytest.mark.parametrize("separator", ["|", "&"], ids=["markdown", "latex"])
 def test_three_batched_random_picks_the_run_with_the_best_validation_loss_not_test(tables, separator):
-    (mean, _), (median, _), (best, _) = table_row(tables[separator == "&"], "Random_3Batched", separator)
+    runs, ((mean, _), (median, _), (best, _)) = table_row(tables[separator == "&"], "Random_3Batched", separator)
+    assert runs == 1                            # one triple of the 3 Random_Validation runs
     assert mean == median == best == 3.0        # the run with the lowest validation loss, and highest test value
 
 

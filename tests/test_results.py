@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import results_table
 import train
 import util
 from tests.conftest import REPO
@@ -248,9 +250,10 @@ def covered(figure) -> list[str]:
     return found
 
 
-def own_pixels(figure, label: str) -> int:
-    """How many pixels the curve labelled `label` visibly changes: none when it lies hidden under
-    another (the legend, which would show it anyway, left out)."""
+def own_pixels(figure, algorithm: str) -> int:
+    """How many pixels the curve of `algorithm` (labelled by its paper name) visibly changes: none
+    when it lies hidden under another (the legend, which would show it anyway, left out)."""
+    label = results_table.paper_name(algorithm)
     legend, (line,) = figure.axes[0].get_legend(), [line for line in figure.axes[0].get_lines()
                                                    if line.get_label() == label]
     legend.set_visible(False)
@@ -266,6 +269,13 @@ MAIN_FINALS = {"Random": [4.0, 2.0, 9.0, 1.0], "Random_Validation": [3.0, 5.0, 7
                "Ours_LR_Momentum": [0.5, 0.25, 1.0, 0.75]}
 
 
+def markdown_rows(report: str) -> dict[str, list[str]]:
+    """The cells after the first of every Markdown table row in `report`, by that first cell."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in report.splitlines()
+            if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
 def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path, capsys):
     import paper_plots
     write_main_experiment(tmp_path / "results", MAIN_FINALS)
@@ -275,12 +285,17 @@ def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path,
         for suffix in (".png", ".pdf"):
             assert (out / f"main_uci_energy_{name}{suffix}").stat().st_size > 5000, name
     report = (out / "report.md").read_text()
-    assert "| Ours_LR_Momentum | **0.625 ± " in report              # the mean of 0.5, 0.25, 1.0, 0.75, best
-    assert "| Random | 4 ± " in report and "| 1 | 0/4 |" in report  # best 1, none diverged
-    assert "Random_3Batched" in report and "0/2 |" in report          # 6 Random_Validation runs: 2 triples
-    assert "![main, uci_energy: CDF](main_uci_energy_cdf.png)" in report
+    rows = markdown_rows(report)
+    assert rows["algorithm"] == ["runs", "mean ± s.e.", "median ± s.e.", "best", "diverged"]
+    ours = rows[results_table.paper_name("Ours_LR_Momentum")]
+    assert ours[0] == "4" and ours[1].startswith("**0.625 ± ")    # the mean of 0.5, 0.25, 1.0, 0.75, best
+    random = rows["Random"]
+    assert random[0] == "4" and random[1].startswith("4 ± ") and random[3:] == ["1", "0"]  # best 1, none diverged
+    three = rows[results_table.paper_name("Random_3Batched")]           # 6 Random_Validation runs: 2 triples
+    assert three[0] == "2" and three[-1] == "0"
+    assert "![UCI Energy (main): CDF](main_uci_energy_cdf.png)" in report
     assert "sensitivity" not in report.lower().split("## not made")[0]
-    assert "proof-of-concept plot: needs at least 10 Random runs and some Ours_LR runs (has 4 and 0)" in \
+    assert "proof-of-concept plot: needs at least 10 Random runs and some Ours (WD+LR) runs (has 4 and 0)" in \
         capsys.readouterr().out
 
 
@@ -338,8 +353,11 @@ def test_figures_label_their_axes_in_words_and_cover_neither_data_nor_labels(eve
     assert axis_labels(saved["main_uci_energy_envelope_step"]) == ["weight step", "test MSE (target units)"]
     assert axis_labels(saved["main_uci_energy_cdf"]) == ["final test MSE (target units)",
                                                          "fraction of runs at or below"]
-    assert axis_labels(saved["main_uci_energy_learning_rates"])[:2] == ["hyperparameter step", "learning rate"]
+    assert axis_labels(saved["main_uci_energy_learning_rates"])[:2] == ["weight step", "learning rate"]
     assert saved["main_uci_energy_envelope_time"].axes[0].get_legend() is not None
+    for name in ("cdf", "envelope_step", "envelope_time", "runtimes"):    # dataset, quantity and runs (2 to 6)
+        title = saved[f"main_uci_energy_{name}"].axes[0].get_title()
+        assert title.startswith("UCI Energy (main): ") and title.endswith(" (2 to 6 runs per algorithm)"), title
 
 
 def test_curves_that_coincide_each_stay_visible(every_figure):
@@ -361,12 +379,63 @@ def test_degenerate_figures_are_skipped_with_the_reason(tmp_path):
     report = (tmp_path / "paper" / "report.md").read_text()
     not_made = report.split("## Not made")[1]
     assert "main_uci_energy_cdf" not in saved and not (tmp_path / "paper" / "main_uci_energy_cdf.png").exists()
-    assert "main, uci_energy: CDF: no algorithm has 2 runs with a finite final value" in not_made
-    assert "Random_Validation runs; 1 runs make no triple, so its row has no value (-)." in report
-    assert "| Random_3Batched | - | - | - | 0/0 |" in report
+    assert "UCI Energy (main): CDF: no algorithm has 2 runs with a finite final value" in not_made
+    validation, three = (results_table.paper_name(name) for name in ("Random_Validation", "Random_3Batched"))
+    assert f"{validation} runs; 1 runs make no triple, so its row has no value (-)." in report
+    assert f"| {three} | 0 | - | - | - | 0 |" in report
     assert "Random: only 1 of 1 runs ended with a finite value, so no standard error." in report
     assert "main_uci_energy_envelope_step" in saved                  # the one-run curves are still curves
-    assert "quiet, uci_energy: envelope against step: no run logs a finite test MSE (target units)" in not_made
-    assert "quiet, uci_energy: envelope against time: no run logs a finite test MSE" in not_made
+    assert "UCI Energy (quiet): envelope against step: no run logs a finite test MSE (target units)" in not_made
+    assert "UCI Energy (quiet): envelope against time: no run logs a finite test MSE" in not_made
     assert "quiet_uci_energy_cdf" in saved                            # two finite runs: a CDF
     assert_real_pictures(tmp_path / "paper")
+
+
+def test_an_experiment_named_after_its_dataset_names_the_dataset_once(tmp_path):
+    import paper_plots
+    write_main_experiment(tmp_path / "results", {"Random": [2.0, 1.0], "Ours_LR_Momentum": [0.5, 0.25]},
+                          experiment="uci_energy")
+    assert paper_plots.main([str(tmp_path / "results"), "--out", str(tmp_path / "paper")]) == 0
+    out = tmp_path / "paper"
+    for name in ("cdf.png", "envelope_step.png", "table.tex"):
+        assert (out / f"uci_energy_{name}").is_file(), name
+    assert not list(out.glob("uci_energy_uci_energy*"))
+    report = (out / "report.md").read_text()
+    assert "### UCI Energy: results table" in report and "![UCI Energy: CDF](uci_energy_cdf.png)" in report
+
+
+def scalar(steps, values, seconds=None) -> util.Scalar:
+    """A tag's record, logged `seconds` after the run began (by default a step a second)."""
+    steps = np.asarray(steps)
+    return util.Scalar(steps, np.asarray(values, dtype=float),
+                       np.asarray(steps if seconds is None else seconds, dtype=float) + 1e9)
+
+
+def test_an_envelope_ends_where_the_first_of_its_runs_ends():
+    """A median over runs that drops the shorter run once it ends would jump: the line stops there."""
+    import figures
+    tag = "Unnormalised_Loss/Test"
+    runs = [util.Run(Path(name), {"algorithm": "Random"}, {"status": "completed"},
+                     {tag: scalar(range(end + 1), np.linspace(5.0, 1.0, end + 1), seconds=range(end + 1))})
+            for name, end in (("long", 10), ("short", 4))]
+    x, values = figures.on_time_grid(runs, tag, points=101)
+    figure, axes = figures.new_figure()
+    figures.plot_envelopes(axes, {"Random": (x, values)}, "wall time (s)", "test MSE")
+    (line,) = axes.get_lines()
+    drawn = np.asarray(line.get_xdata())[np.isfinite(line.get_ydata())]
+    figures.plt.close(figure)
+    assert drawn[0] == 0.0 and 4.0 - 0.1 < drawn[-1] <= 4.0          # up to the short run's last second
+
+
+def test_learning_rates_of_runs_with_other_window_lengths_share_the_weight_step_axis():
+    """Ours' 5 windows of T = 10 weight steps and Baydin's 50 one-step windows span the same 50 steps."""
+    import figures
+    tag = "Last_Hyperparameter/Lr"
+    runs = [util.Run(Path(name), {"algorithm": name, "network_weight_steps": steps}, {"status": "completed"},
+                     {tag: scalar(range(windows), np.geomspace(1e-3, 1e-2, windows))})
+            for name, steps, windows in (("Ours_LR", 10, 5), ("Baydin", 1, 50))]
+    figure, axes = figures.new_figure()
+    figures.plot_trajectories(axes, runs, tag)
+    spans = sorted((line.get_xdata()[0], line.get_xdata()[-1], len(line.get_xdata())) for line in axes.get_lines())
+    figures.plt.close(figure)
+    assert spans == [(1, 50, 50), (10, 50, 5)]                         # each window at the weight step that ends it
