@@ -6,7 +6,10 @@ One run = `hyperparameter_steps` windows of `network_weight_steps` (T) weight st
 window the configured algorithm takes one hyperparameter step. Scalars are logged to TensorBoard
 at global weight-step indices: per-step tags every `log_every` steps (measured before that step's
 update) plus at the final step H*T; `Last_*` tags at every hyperparameter step h, holding the
-measurement at step (h+1)*T, i.e. of the weights that window h produced.
+measurement at step (h+1)*T, i.e. of the weights that window h produced: its hyperparameters,
+hypergradients and training-batch metrics always, its held-out metrics when step (h+1)*T is one of
+the `log_every` measurements (every window of T >= log_every steps). Held-out sets are measured on
+the same cadence for every algorithm: a run of one-step windows (Baydin) measures no more often.
 """
 from __future__ import annotations
 
@@ -316,9 +319,9 @@ class Learner:
         index = h * self.cfg.network_weight_steps + s
         due, closes_previous = index % self.cfg.log_every == 0, s == 0 and h > 0
         # Held-out sets are measured at this step's weights, before its update.
-        held_out = self.meter.held_out() if due or closes_previous else None
+        held_out = self.meter.held_out() if due else {}
         step, batch = self.weight_step(take_step)
-        if held_out is not None and index != self.logged_at:
+        if (due or closes_previous) and index != self.logged_at:
             training = self.meter.batch_metrics(step.outputs, batch, step.loss)
             scalars = self.meter.to_scalars({"Training": training} | held_out)
             if due:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import config
+import measure
 import train
 import util
 from tests.conftest import REPO, run_cli
@@ -284,3 +285,20 @@ def test_slow_progress_says_seconds_per_step_not_zero_steps_per_second(capsys, m
     progress = util.Progress(total=30, initial=0, name="Random on penn_treebank", unit="step", every=30.0)
     progress.update(10)
     assert capsys.readouterr().err == "Random on penn_treebank: step 10/30  25 s/step  8 min to go\n"
+
+
+@pytest.mark.parametrize("algorithm", ["Baydin", "Ours_LR_Momentum"])
+def test_held_out_sets_are_measured_as_often_for_one_step_windows_as_for_ten(algorithm, tmp_path, monkeypatch):
+    """Was a whole-split measurement at the end of every window: ten times as many for Baydin's
+    one-step windows, which its wall time then paid for. Each algorithm measures every log_every
+    steps; Baydin still logs its learning rate after every window."""
+    calls = []
+    measure_held_out = measure.Meter.held_out
+    monkeypatch.setattr(measure.Meter, "held_out", lambda meter, *a, **k: calls.append(1) or measure_held_out(
+        meter, *a, **k))
+    run(tmp_path, "diabetes.yaml", f"{algorithm}.yaml", overrides=["hyperparameter_steps=3", "seed=0"])
+    record = only_run(tmp_path / "runs")
+    windows = 30 if algorithm == "Baydin" else 3
+    assert len(calls) == 3 + 1                                   # steps 0, 10, 20, then the final split
+    assert len(record.scalars["Last_Hyperparameter/Lr"].steps) == windows
+    assert list(record.scalars["Last_Loss/Test"].steps) == [windows // 3 - 1, 2 * windows // 3 - 1, windows - 1]
