@@ -332,7 +332,7 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
     surface = process.predict(grid.reshape(-1, 2)).reshape(100, 100)
     figure, axes = figures.new_figure(width=5.0, height=4.0)
     contours = axes.contourf(grid[..., 0], grid[..., 1], surface, levels=20, cmap="viridis")
-    figure.colorbar(contours, ax=axes, label=f"log10 {label} (Random, GP fit)")
+    figure.colorbar(contours, ax=axes, label=f"log10 {label}\n(Random's runs, GP fit)")
     for run in ours[:20]:
         lr, decay = run.scalars.get("Last_Hyperparameter/Lr"), run.scalars.get("Last_Hyperparameter/Weight_Decay")
         if lr is not None and decay is not None:
@@ -342,7 +342,7 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
              ylabel="log10 weight decay")
     axes.grid(False)
     ours_name = results_table.paper_name("Ours_LR")
-    axes.set_title(f"{title}: {ours_name} over Random's {label}", fontsize=9)
+    axes.set_title(f"{title}:\n{ours_name} over Random's {label}", fontsize=9)
     report.add(f"{title}: proof of concept", f"Background: a Gaussian-process fit (RBF + white noise) of the log10 "
                f"{label} of {len(random)} Random runs over their fixed (lr, weight decay); diverged runs count as "
                f"{cap:g}. Lines: {min(len(ours), 20)} {ours_name} runs' hyperparameters during training, from the "
