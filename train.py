@@ -648,8 +648,13 @@ def open_run(cfg: Config, context: distributed.Context, run_dir: Path | None = N
         if new:
             _remove_new(run_dir, above, existing)
         raise ConfigError(f"log_root = {cfg.log_root}: could not write the run directory {run_dir or above} "
-                          f"({error.strerror or error}); free some space, or choose another log root with -l DIR"
-                          ) from None
+                          f"({error.strerror or error}); {WRITE_ADVICE.get(error.errno, 'check its permissions')}, "
+                          f"or choose another log root with -l DIR") from None
+
+
+# What to do when a run directory cannot be written, by the error's errno.
+WRITE_ADVICE = {errno.ENOSPC: "free some space", errno.EFBIG: "free some space", errno.EDQUOT: "free some space",
+                errno.ELOOP: "remove the symbolic link planted in it (the run never writes through one)"}
 
 
 def _open_log(cfg: Config, run_dir: Path, resumes: dict | None) -> util.RunLog:

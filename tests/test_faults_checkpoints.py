@@ -195,6 +195,19 @@ def test_resuming_does_not_truncate_through_a_link_at_the_event_files_name(first
     assert victim.read_bytes() == content and snapshot(runs) == before
 
 
+def test_a_link_planted_at_the_lock_file_is_refused_with_the_right_advice(first, tmp_path):
+    """Was refused with 'free some space': the lock file is opened without following a link."""
+    checkpoint, runs, run_dir = first
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run_dir / util.LOCK_NAME).unlink(missing_ok=True)
+    (run_dir / util.LOCK_NAME).symlink_to(victim)
+    before = snapshot(runs)
+    result = run(*command(runs, "--hyperparameter_steps", "3", "-s", str(checkpoint)))
+    one_line_error(result, "remove the symbolic link planted in it")
+    assert victim.read_text() == "precious" and snapshot(runs) == before
+
+
 # ---- 6: a sibling run that differs only by its seed ----
 
 def test_a_checkpoint_naming_a_sibling_of_another_seed_does_not_log_there(first):
