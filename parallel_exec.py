@@ -163,15 +163,22 @@ def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tu
 # -------------------------------------------------------------------------------------------------
 # Running
 
+RUNNING_ELSEWHERE = "running elsewhere"    # a job whose run another process holds: left to it
+
+
 def run_job(job: Job, root: Path) -> tuple[str, str]:
     """Run one job in this process; returns (status, run directory). Never raises for a failed run."""
     import train
     run_dir = job.run_dir(root)
     if run_dir.exists():            # an unfinished or failed earlier attempt: start it afresh
+        if util.held_elsewhere(run_dir):
+            return RUNNING_ELSEWHERE, str(run_dir)      # another batch on this folder runs it now
         shutil.rmtree(run_dir)
     try:
         _, metrics = train.train(job.config(root), run_dir=run_dir, show_progress=False)
         return metrics["status"], str(run_dir)
+    except util.RunDirInUse:        # another batch started it a moment ago: its run, not a failure here
+        return RUNNING_ELSEWHERE, str(run_dir)
     except Exception as error:      # recorded, and the batch goes on
         return record_failure(job, root, f"{type(error).__name__}: {error}", traceback.format_exc())
 
@@ -513,8 +520,8 @@ def tune_search(scheduler_name: str, dataset: str, algorithm: str, samples: int,
 
 
 def summary(counts: Counter, root: Path) -> str:
-    parts = [f"{counts[key]} {key}" for key in ("completed", "diverged", "failed", "skipped", "not run")
-             if counts[key]]
+    parts = [f"{counts[key]} {key}" for key in ("completed", "diverged", "failed", "skipped", RUNNING_ELSEWHERE,
+                                                "not run") if counts[key]]
     return f"{', '.join(parts) or 'nothing to do'}; results in {root}"
 
 

@@ -186,6 +186,10 @@ def check_output_folder(folder: Path, named: str, fix: str) -> None:
 LOCK_NAME = ".lock"
 
 
+class RunDirInUse(ConfigError):
+    """A run directory that another process holds (see hold_run_dir)."""
+
+
 def hold_run_dir(run_dir: Path) -> BinaryIO:
     """An exclusive lock on `run_dir` for this process (its pid written in the lock file), until the
     returned file is closed or the process ends; ConfigError at once if another process holds it
@@ -201,11 +205,22 @@ def hold_run_dir(run_dir: Path) -> BinaryIO:
     except BlockingIOError:
         holder = lock.read(20).decode(errors="replace").strip() or "unknown"
         lock.close()
-        raise ConfigError(f"run directory {run_dir} is in use by another process (pid {holder}); wait for it to "
+        raise RunDirInUse(f"run directory {run_dir} is in use by another process (pid {holder}); wait for it to "
                           f"end, or stop it") from None
     except BaseException:
         lock.close()
         raise
+
+
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds `run_dir` now: a run in progress there, which nothing may remove."""
+    try:
+        with hold_run_dir(run_dir):
+            return False
+    except RunDirInUse:
+        return True
+    except OSError:                 # unwritable, or a link at the lock's name: no run holds it
+        return False
 
 
 def write_json(path: Path, data: Any) -> None:

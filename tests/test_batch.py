@@ -269,3 +269,18 @@ def test_a_batch_off_a_terminal_says_where_it_stands_while_runs_go_on(tmp_path, 
     assert counts["completed"] == 2
     assert any(line.startswith("quick look: run 0/2  1 running") for line in lines), lines    # before any end
     assert any(line.startswith("quick look: run 1/2  1 completed  1 running") for line in lines), lines
+
+
+def test_a_run_that_another_batch_holds_is_left_to_it(tmp_path):
+    """Was wiped: a second batch on the same folder removed an unfinished run's directory and
+    started it again, under the process still writing it."""
+    first, second = parallel_exec.make_jobs(["diabetes"], ["Random"], parallel_exec.natural_sgd(2, seed=0), SHORT)
+    busy = first.run_dir(tmp_path)
+    busy.mkdir(parents=True)
+    (busy / "events.out.tfevents.1.host").write_bytes(b"being written")
+    with util.hold_run_dir(busy):                  # as the run in progress in the other batch does
+        counts = parallel_exec.run_batch([first, second], tmp_path, workers=1, show_progress=False)
+        assert (busy / "events.out.tfevents.1.host").read_bytes() == b"being written"
+    assert counts["running elsewhere"] == 1 and counts["completed"] == 1
+    assert not (busy / "metrics.json").exists()
+    assert "1 running elsewhere" in parallel_exec.summary(counts, tmp_path)
