@@ -72,11 +72,15 @@ def order_key(algorithm: str) -> tuple[int, str]:
 
 @dataclass
 class Best:
-    selected_on: str         # validation or training
+    rank: int                # of its selection tag in SELECTION_TAGS: validation before training
     selection: float
     test: float
     hyperparameters: dict[str, float]
     run_dir: Path
+
+    @property
+    def selected_on(self) -> str:
+        return SELECTION_TAGS[self.rank][1]
 
 
 @dataclass
@@ -87,9 +91,10 @@ class Group:
     tests: list[float] = field(default_factory=list)     # final test losses of the completed runs
     best: Best | None = None
 
-    def add(self, run_dir: Path, metrics: dict, budget: int | None) -> None:
+    def add(self, run_dir: Path, metrics: dict) -> None:
         status = metrics.get("status", "unfinished")
         self.statuses[status] += 1
+        budget = metrics.get("weight_step_budget", metrics.get("weight_steps"))     # older runs: steps taken
         if budget is not None:
             self.budgets.add(budget)
         final = metrics.get("final") or {}
@@ -97,16 +102,12 @@ class Group:
         if status != "completed" or test is None:
             return
         self.tests.append(test)
-        for tag, name in SELECTION_TAGS:
-            value = final.get(tag)
-            if value is not None and math.isfinite(value):
-                candidate = Best(name, value, test, {key.split("/", 1)[1]: value for key, value in final.items()
-                                                     if key.startswith("Hyperparameter/") and value is not None},
-                                 run_dir)
-                if self.best is None or (candidate.selected_on, candidate.selection) < (self.best.selected_on,
-                                                                                        self.best.selection):
-                    self.best = candidate
-                return
+        selection = next(((rank, final[tag]) for rank, (tag, _) in enumerate(SELECTION_TAGS)
+                          if final.get(tag) is not None and math.isfinite(final[tag])), None)
+        if selection is not None and (self.best is None or selection < (self.best.rank, self.best.selection)):
+            hyperparameters = {key.split("/", 1)[1]: value for key, value in final.items()
+                               if key.startswith("Hyperparameter/") and value is not None}
+            self.best = Best(*selection, test, hyperparameters, run_dir)
 
 
 def _first(final: dict, tags: tuple[str, ...]) -> float | None:
@@ -129,8 +130,7 @@ def collect(results: Path, prog: str) -> dict[tuple[str, str], Group]:
             algorithm = folders[-1] if folders else "?"
             metrics = {"status": "unreadable"}
         block = "/".join(folder for folder in folders if folder != algorithm) or "."
-        budget = metrics.get("weight_step_budget", metrics.get("weight_steps"))
-        groups.setdefault((block, algorithm), Group()).add(run_dir, metrics, budget)
+        groups.setdefault((block, algorithm), Group()).add(run_dir, metrics)
     return groups
 
 

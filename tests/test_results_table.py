@@ -74,3 +74,13 @@ def test_every_algorithm_config_has_a_single_paper_name():
     shown = [name for stem, name in names.items() if not stem.startswith("LongDiffThroughOpt_")]
     assert len(shown) == len(set(shown))
     assert names["Ours_LR_Momentum"] == "Ours (WD+LR+M)" and names["Random_SteppedLR"] == "Random ×LR"
+
+
+def test_a_run_chosen_on_validation_loss_outranks_one_chosen_on_training_loss(tmp_path):
+    """Catches the kinds of selection compared by name ('training' < 'validation'): a run without a
+    validation loss, however low its training loss, is no better than one judged on validation."""
+    group = tmp_path / "mixed" / "uci_energy" / "Ours_LR"
+    write_run(group / "judged", "Ours_LR", "completed", 5.0, validation=0.9)
+    write_run(group / "unjudged", "Ours_LR", "completed", 1.0, training=0.01)
+    best = rows(results_table.render(tmp_path, "test"))["Ours (WD+LR)"]
+    assert best[5:] == ["5", "lr 0.001", str(group / "judged")]
