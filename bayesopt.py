@@ -18,7 +18,6 @@ import concurrent.futures
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -75,8 +74,9 @@ def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5
         if parallel_exec.status_of(run_dir) in parallel_exec.FINISHED:
             metrics = util.read_metrics(run_dir)
         else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
+            if not parallel_exec.start_afresh(run_dir):
+                raise util.RunDirInUse(f"run directory {run_dir} is in use by another process: is another "
+                                       f"bayesopt.py running on {folder}? Wait for it to end, or stop it")
             _, metrics = train.train(job.config(folder), run_dir=run_dir)
         loss = objective(metrics)
         history.append((point, loss if math.isfinite(loss) else cap))

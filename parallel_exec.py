@@ -166,14 +166,22 @@ def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tu
 RUNNING_ELSEWHERE = "running elsewhere"    # a job whose run another process holds: left to it
 
 
+def start_afresh(run_dir: Path) -> bool:
+    """Clear an unfinished or failed earlier attempt at a run, to run it again; False, and nothing
+    removed, when another process holds the directory (the run is in progress there)."""
+    if run_dir.exists():
+        if util.held_elsewhere(run_dir):
+            return False
+        shutil.rmtree(run_dir)
+    return True
+
+
 def run_job(job: Job, root: Path) -> tuple[str, str]:
     """Run one job in this process; returns (status, run directory). Never raises for a failed run."""
     import train
     run_dir = job.run_dir(root)
-    if run_dir.exists():            # an unfinished or failed earlier attempt: start it afresh
-        if util.held_elsewhere(run_dir):
-            return RUNNING_ELSEWHERE, str(run_dir)      # another batch on this folder runs it now
-        shutil.rmtree(run_dir)
+    if not start_afresh(run_dir):
+        return RUNNING_ELSEWHERE, str(run_dir)          # another batch on this folder runs it now
     try:
         _, metrics = train.train(job.config(root), run_dir=run_dir, show_progress=False)
         return metrics["status"], str(run_dir)

@@ -763,8 +763,9 @@ def write_failure(run_dir: Path | None, error: OSError) -> ConfigError:
     if error.errno == errno.ENOENT:
         return ConfigError(f"{run_dir}: the run directory (or a folder above it, or its event file) was removed "
                            f"mid-run, so its logs are lost; run again, or resume from a checkpoint with -s FILE")
-    return ConfigError(f"{error.filename or run_dir}: could not write ({error.strerror or error}); free some "
-                       f"space and resume from the last checkpoint (-s FILE), or run again")
+    return ConfigError(f"{error.filename or run_dir}: could not write ({error.strerror or error}); "
+                       f"{WRITE_ADVICE.get(error.errno, 'check its permissions')} and resume from the last "
+                       f"checkpoint (-s FILE), or run again")
 
 
 def refuse_meta_checkpoint(cfg: Config, checkpoint: str | None) -> None:
