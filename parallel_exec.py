@@ -309,10 +309,11 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     progress = util.Progress(len(jobs), done, name, "run", enabled=show_progress)
     running: dict[concurrent.futures.Future, Job] = {}
+    progress.status = lambda: tally(counts, len(running))
 
     def count(status: str) -> None:
         counts[status] += 1
-        progress.update(1, tally(counts, len(running)))
+        progress.update(1)
 
     queue: Iterator[Job] = iter(todo)
     pool = WorkerPool(workers)
@@ -329,7 +330,6 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
                 break
             finished, _ = concurrent.futures.wait(running, timeout=progress.every,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
-            progress.status = tally(counts, len(running))
             progress.tick()             # a line when due, even while every run takes long
             if any(isinstance(future.exception(), BrokenProcessPool) for future in finished):
                 failed, again = after_break(pool, running, root)
@@ -393,6 +393,7 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     remote_job = ray.remote(num_cpus=1)(run_job)
     progress = util.Progress(len(jobs), done, "batch on Ray", "run", enabled=show_progress)
     running = []
+    progress.status = lambda: tally(counts, len(running))
     for job in todo:
         if (root / "STOP").exists():
             break
@@ -400,7 +401,7 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     while running:
         finished, running = ray.wait(running, num_returns=1)
         counts[ray.get(finished[0])[0]] += 1
-        progress.update(1, tally(counts, len(running)))
+        progress.update(1)
     progress.close()
     counts["not run"] = len(jobs) - sum(counts.values())
     return counts

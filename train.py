@@ -271,7 +271,7 @@ class Learner:
             self.train_seconds = seconds_before + time.perf_counter() - start
             if self.after_window is not None:
                 self.after_window(self)
-            progress.update(T, self._status_line(last_loss))
+            progress.update(T, functools.partial(self._status_line, last_loss))
             if asked_anywhere or (not self.context.active and self._stop_asked()):
                 self.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
                 break

@@ -62,6 +62,7 @@ def run_command(main: Callable[[], int]) -> int:
 # -- progress ---------------------------------------------------------------------------------
 
 PROGRESS_EVERY = 30.0      # seconds between progress lines off a terminal
+BAR_STATUS_EVERY = 0.5     # seconds between updates of the status beside a terminal's bar
 
 
 def duration(seconds: float) -> str:
@@ -83,27 +84,31 @@ def rate(per_second: float, unit: str) -> str:
 class Progress:
     """Progress of long work: a tqdm bar on a terminal; elsewhere (a log file, nohup, a cluster
     job) one line on stderr at most every `every` seconds, saying how far the work is, how fast it
-    goes and when it should end. `tick` between updates keeps lines coming when units take long."""
+    goes and when it should end. `tick` between updates keeps lines coming when units take long.
+    The status text comes from a callable, called only when shown: not at every step."""
 
     def __init__(self, total: int, initial: int, name: str, unit: str, every: float | None = None,
                  enabled: bool = True):
         self.total, self.done, self.first = total, initial, initial
-        self.name, self.unit, self.status = name, unit, ""
+        self.name, self.unit = name, unit
+        self.status: Callable[[], str] = str
         self.every = PROGRESS_EVERY if every is None else every
         self.terminal = enabled and sys.stderr.isatty()
         self.lines = enabled and not self.terminal
         self.bar = tqdm(total=total, initial=initial, unit=unit, disable=not self.terminal, dynamic_ncols=True)
-        self.start = self.last_line = time.monotonic()
+        self.start = self.last_line = self.last_status = time.monotonic()
 
-    def update(self, done: int, status: str = "") -> None:
+    def update(self, done: int, status: Callable[[], str] | None = None) -> None:
         self.done += done
-        self.status = status
+        self.status = status or self.status
         self.bar.update(done)
-        self.bar.set_postfix_str(status, refresh=False)
         self.tick()
 
     def tick(self) -> None:
         now = time.monotonic()
+        if self.terminal and now - self.last_status >= BAR_STATUS_EVERY:
+            self.last_status = now
+            self.bar.set_postfix_str(self.status(), refresh=False)
         if self.lines and now - self.last_line >= self.every:
             self.last_line = now
             self.write(self.line(now))
@@ -111,7 +116,8 @@ class Progress:
     def line(self, now: float) -> str:
         per_second = (self.done - self.first) / max(now - self.start, 1e-9)
         to_go = f"{duration((self.total - self.done) / per_second)} to go" if per_second > 0 else ""
-        parts = (f"{self.name}: {self.unit} {self.done}/{self.total}", self.status, rate(per_second, self.unit), to_go)
+        parts = (f"{self.name}: {self.unit} {self.done}/{self.total}", self.status(), rate(per_second, self.unit),
+                 to_go)
         return "  ".join(part for part in parts if part)
 
     def write(self, text: str) -> None:

@@ -267,8 +267,8 @@ def test_runs_are_named_by_dataset_and_algorithm_and_compare_in_the_hparams_tab(
 
 def test_progress_is_a_line_every_few_seconds_when_not_on_a_terminal(capsys):
     progress = util.Progress(total=100, initial=0, name="Ours_LR on diabetes", unit="step", every=0.0)
-    progress.update(10, "loss 0.5  lr 0.001")
-    progress.update(10, "loss 0.25  lr 0.002")
+    progress.update(10, lambda: "loss 0.5  lr 0.001")
+    progress.update(10, lambda: "loss 0.25  lr 0.002")
     progress.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
