@@ -25,6 +25,7 @@ import numpy as np
 
 import config
 import parallel_exec
+import run_files
 import util
 from config import ConfigError
 
@@ -75,7 +76,7 @@ def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5
             metrics = util.read_metrics(run_dir)
         else:
             if not parallel_exec.start_afresh(run_dir):
-                raise util.RunDirInUse(f"run directory {run_dir} is in use by another process: is another "
+                raise run_files.RunDirInUse(f"run directory {run_dir} is in use by another process: is another "
                                        f"bayesopt.py running on {folder}? Wait for it to end, or stop it")
             _, metrics = train.train(job.config(folder), run_dir=run_dir)
         loss = objective(metrics)

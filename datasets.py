@@ -21,7 +21,7 @@ import distributed
 from schema import ConfigError
 
 if TYPE_CHECKING:
-    from schema import DatasetConfig
+    from schema import Config, DatasetConfig
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -409,3 +409,39 @@ def stream(split: Split, batch_size: int | None, generator: torch.Generator,
     if split.sequential:
         return SequenceStream(split, batch_size, context)
     return BatchStream(split, batch_size, generator, context)
+
+
+# Each stream's generator is seeded with the run's seed plus its own offset: the training order must
+# not depend on how often the other streams are read.
+STREAM_OFFSETS = {"train": 1, "validation": 2, "hyper": 3, "test": 4}
+
+
+@dataclass
+class Streams:
+    """A run's minibatch streams: training batches; validation and test batches for intermediate
+    measurements (None: those use the whole split); the hypergradient's batches (None: no split for it)."""
+    train: BatchStream | SequenceStream
+    validation: BatchStream | SequenceStream | None
+    hyper: BatchStream | SequenceStream | None
+    test: BatchStream | SequenceStream | None
+
+    @classmethod
+    def of(cls, cfg: Config, splits: Splits, context: distributed.Context) -> Streams:
+        def make(name: str, split: Split | None, batch_size: int | None = cfg.batch_size) -> BatchStream | None:
+            generator = torch.Generator().manual_seed(cfg.seed + STREAM_OFFSETS[name])
+            return None if split is None else stream(split, batch_size, generator, context)
+        measured_validation = None if cfg.dataset.full_validation else splits.validation
+        measured_test = None if cfg.dataset.test_batch_size is None else splits.test
+        hyper = splits.train if cfg.tuning.validation_data == "training" else splits.validation
+        return cls(make("train", splits.train), make("validation", measured_validation), make("hyper", hyper),
+                   make("test", measured_test, cfg.dataset.test_batch_size))
+
+    def named(self) -> dict[str, BatchStream | SequenceStream]:
+        return {name: stream for name, stream in vars(self).items() if stream is not None}
+
+    def state_dict(self) -> dict:
+        return {name: stream.state_dict() for name, stream in self.named().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, stream in self.named().items():
+            stream.load_state_dict(state[name])

@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import datetime
-import json
 import math
 import os
-import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn
@@ -114,77 +110,24 @@ def rank_device(configured: str, local_rank: int) -> torch.device:
     return device
 
 
+def resolve_device(configured: str) -> torch.device:
+    """The configured device of a process on its own, with its index: `cuda` (and `auto` where CUDA
+    is available) is the process's current GPU, which a rank of several sets to its own
+    (rank_device). ConfigError for a GPU that is not there."""
+    if configured.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device = {configured!r}, but CUDA is not available here; use --device cpu")
+    device = rank_device(configured, torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {configured!r}, but only {torch.cuda.device_count()} GPU(s) are visible here "
+                          f"(numbered from 0; CUDA_VISIBLE_DEVICES chooses them)")
+    return device
+
+
 def use_device(device: torch.device) -> None:
     """Make `device` this process's current GPU (where an unindexed "cuda" tensor goes, and the
     device NCCL's collectives and barriers use); nothing for the CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-
-
-@contextlib.contextmanager
-def local_rendezvous() -> Iterator[dist.TCPStore]:
-    """A rendezvous store for processes on this machine, held by the launching process on a port
-    the system picks (no window in which another program can take the port; `store.port`)."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    try:
-        yield store
-    finally:
-        del store
-
-
-# A local job's launcher asks its ranks to stop through the rendezvous store (a signal sent to the
-# ranks themselves might reach only some of them); each rank looks at most every STOP_POLL seconds,
-# and the ranks agree on the window to stop after (see train.Learner.train_windows).
-STOP_KEY = "onepass/stop"
-STOP_POLL = 0.5
-_launcher_store: dist.TCPStore | None = None
-_last_poll = 0.0
-_stop_reason: str | None = None
-
-
-def request_stop(store: dist.TCPStore, reason: str) -> None:
-    """Launcher side: ask the local job's ranks to stop at the next window boundary."""
-    store.set(STOP_KEY, reason)
-
-
-def launcher_stop(now: bool = False) -> str | None:
-    """Rank side: the launcher's reason to stop (e.g. "SIGINT") once it has asked, else None.
-    Looks at the store at most every STOP_POLL seconds, unless `now`."""
-    global _last_poll, _stop_reason
-    due = now or time.monotonic() - _last_poll >= STOP_POLL
-    if _stop_reason is None and _launcher_store is not None and due:
-        _last_poll = time.monotonic()
-        if _launcher_store.check([STOP_KEY]):
-            _stop_reason = _launcher_store.get(STOP_KEY).decode()
-    return _stop_reason
-
-
-# A rank of a local job that fails tells the launcher why through the store and says nothing itself:
-# the launcher, which sees every rank, prints the one line that explains the job's end.
-FAILURE_KEY = "onepass/failure/"
-
-
-@dataclass(frozen=True)
-class Failure:
-    rank: int
-    line: str              # what went wrong, in a line
-    timed_out: bool        # it waited in vain for another rank: the cause lies elsewhere
-    time: float            # when (time.time(), the same clock on every rank of the machine)
-
-
-def report_failure(rank: int, line: str, timed_out: bool) -> None:
-    """Rank side: tell the launcher why this rank fails; without a launcher, say it on stderr."""
-    if _launcher_store is None:
-        print(f"train.py: error on rank {rank}: {line}", file=sys.stderr, flush=True)
-    else:
-        _launcher_store.set(f"{FAILURE_KEY}{rank}", json.dumps({"line": line, "timed_out": timed_out,
-                                                                "time": time.time()}))
-
-
-def reported_failures(store: dist.TCPStore, world_size: int) -> dict[int, Failure]:
-    """Launcher side: the failures the ranks have reported, by rank."""
-    keys = {rank: f"{FAILURE_KEY}{rank}" for rank in range(world_size)}
-    return {rank: Failure(rank, **json.loads(store.get(key))) for rank, key in keys.items() if store.check([key])}
 
 
 TIMEOUT_VARIABLE = "ONEPASS_COLLECTIVE_TIMEOUT"
@@ -216,39 +159,11 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
 
 
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when its `parent` dies (Linux; elsewhere a no-op).
-    torch's spawn asks for SIGINT, which a rank may take mid-way through its exit, printing
-    tracebacks, or not at all while it waits in a collective."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:            # it died before the request: nobody else will ask
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def join_local_group(rank: int, world_size: int, port: int, launcher: int | None = None,
-                     device: str = "cpu") -> Context:
-    """Make this process rank `rank` of `world_size` on this machine, meeting at the launcher's
-    `local_rendezvous` store, on its device for the configured `device` (GPU number `rank` for
-    cuda); the processes share the cores, and end with the `launcher` (pid)."""
-    if launcher is not None:
-        die_with_parent(launcher)
-    context = Context(rank, world_size, rank_device(device, rank))
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    util.share_cores(world_size)
-    use_device(context.device)
-    global _launcher_store
-    store = _launcher_store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    _init_process_group(backend(context.device), store=store, rank=rank, world_size=world_size,
-                        timeout=datetime.timedelta(seconds=collective_timeout()))
-    return context
-
-
 _joined_a_group = False      # see exit_process
 
 
-def _init_process_group(backend: str, **options: object) -> None:
+def init_process_group(backend: str, **options: object) -> None:
+    """torch's init_process_group, its connection noise held back; the process is a rank from now on."""
     global _joined_a_group
     _joined_a_group = True
     with held_back_stderr():
@@ -264,7 +179,7 @@ def init(context: Context) -> None:
         util.share_cores(local_world_size(context.world_size))
         use_device(context.device)
         try:
-            _init_process_group(backend(context.device), rank=context.rank, world_size=context.world_size,
+            init_process_group(backend(context.device), rank=context.rank, world_size=context.world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         except RuntimeError as error:        # torch's DistNetworkError and DistStoreError among them
             raise rendezvous_failure(context, address, timeout, error) from None

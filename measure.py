@@ -42,6 +42,20 @@ def local_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ou
     return loss_fn(outputs, batch.targets) * batch.fraction
 
 
+def loss_function(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  params: list[torch.Tensor]) -> Callable[[list[torch.Tensor], datasets.Batch],
+                                                          tuple[torch.Tensor, torch.Tensor]]:
+    """`loss_at(weights, batch)`: (outputs, this rank's loss) with `weights` in place of the model's
+    parameters `params` (the model itself when `weights` is that very list: functional_call costs
+    tens of microseconds)."""
+    names = [name for name, _ in model.named_parameters()]
+
+    def loss_at(weights: list[torch.Tensor], batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = forward(model, batch, None if weights is params else dict(zip(names, weights, strict=True)))
+        return outputs, local_loss(loss_fn, outputs, batch)
+    return loss_at
+
+
 class Meter:
     """The metrics of a model on the run's splits: of single batches (the validation and test
     streams, when configured) or of whole splits."""

@@ -13,13 +13,20 @@ Because the whole inner loop happens inside forward, a DistributedDataParallel w
 ordinary forward and backward and averages the outer gradient over ranks. Running the inner loop
 outside the wrapped module's forward (calling `inner_loop` yourself on a DDP-wrapped model) would
 skip DDP's all-reduce silently: it is not supported. In eval mode no higher-order graph is built.
+
+Run as a command, it learns a dataset that fresh classifiers learn fast (configs/meta_dataset.yaml),
+on one process or N (--nproc N, or torchrun), logged like a training run:
+
+    python meta_learning.py -c configs/meta_dataset.yaml [--nproc 4] [--set meta.outer_steps=100]
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from pathlib import Path
 
 import higher
 import torch
@@ -27,10 +34,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import distributed
+import launch
+import run_files
 import util
-
-if TYPE_CHECKING:
-    from schema import Config
+from schema import Config, ConfigError
 
 
 class MetaModule(nn.Module):
@@ -105,7 +112,7 @@ def learned_dataset_meta_module(points: int, dimensions: int, inner_steps: int, 
                       inner_parameters=classifier_draw(dimensions, task_generator, dtype, device))
 
 
-def train_learned_dataset(cfg: Config, context: distributed.Context, log: util.RunLog | None,
+def train_learned_dataset(cfg: Config, context: distributed.Context, log: run_files.RunLog | None,
                           device: torch.device | None = None) -> dict:
     """The toy task: learn the dataset so that fresh classifiers learn it in `inner_steps` steps.
 
@@ -157,3 +164,49 @@ def evaluate_learned_dataset(meta_module: MetaModule, tasks: int, seed: int) -> 
             accuracy += ((logits > 0).to(labels.dtype) == labels).to(labels.dtype).mean().item() / tasks
             loss += nn.functional.binary_cross_entropy_with_logits(logits, labels).item() / tasks
     return {"Meta/Adapted_Accuracy": accuracy, "Meta/Adapted_Loss": loss}
+
+
+class LearnedDatasetJob:
+    """meta_learning.py as a launch.Job: learn a dataset that classifiers learn fast."""
+    name = "meta_learning.py"
+    interruptible = False        # no windows to stop between: a signal ends it at once
+
+    def check(self, cfg: Config, args: argparse.Namespace) -> None:
+        if cfg.task != "meta_dataset":
+            raise ConfigError(f"task = {cfg.task!r}: meta_learning.py runs task: meta_dataset "
+                              f"(e.g. -c configs/meta_dataset.yaml); train.py runs the others")
+        if args.save_state or args.load_state:
+            raise ConfigError("-S/-s: checkpoints are for hyperparameter optimisation runs, not task: meta_dataset")
+
+    def run(self, cfg: Config, args: argparse.Namespace, context: distributed.Context,
+            stop_requested: Callable[[], object]) -> tuple[Path | None, dict]:
+        self.check(cfg, args)
+        cfg = replace(util.seeded(cfg), threads=cfg.threads or 1)       # a model of a few hundred parameters
+        torch.set_num_threads(cfg.threads)
+        run_dir, log = run_files.open_run(cfg, context)
+        try:
+            device = context.device if context.active else distributed.resolve_device(cfg.device)
+            metrics = train_learned_dataset(cfg, context, log, device)
+            return run_dir, run_files.close_run(run_dir, log, metrics, cfg, context)
+        finally:
+            if log is not None:
+                log.release()
+
+    @staticmethod
+    def summary(run_dir: Path | None, cfg: Config, metrics: dict) -> str:
+        final = metrics["final"]
+        processes = f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""
+        return "\n".join([
+            f"Learned dataset ({cfg.meta.points} points): {metrics['status']} after {metrics['outer_steps']} outer "
+            f"steps in {metrics['train_seconds']:.1f} s (seed {metrics['seed']}{processes})",
+            f"  {cfg.meta.evaluation_tasks} fresh classifiers after {cfg.meta.inner_steps} steps: accuracy "
+            f"{final['Meta/Adapted_Accuracy']:.4f}, loss {final['Meta/Adapted_Loss']:.4f}",
+            f"  logs                  {run_dir}  (config.json, metrics.json, learned_dataset.pt, TensorBoard)"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch.main(LearnedDatasetJob(), argv)
+
+
+if __name__ == "__main__":
+    distributed.exit_process(util.run_command(main))

@@ -3,7 +3,7 @@
     python meta_scaling.py [--world-sizes 1 2 4 8] [--seeds 5] [--out results/meta_scaling] [--set KEY=VALUE]
 
 Each process draws its own classifier every outer step, so N processes average the outer gradient
-over N tasks. For every world size and seed this runs `train.py -c configs/meta_dataset.yaml
+over N tasks. For every world size and seed this runs `meta_learning.py -c configs/meta_dataset.yaml
 --nproc N` (skipping runs already in --out), then writes figure.png / figure.pdf (the learned
 points of one seed per world size with sample adapted decision boundaries; post-adaptation
 accuracy against world size) and results.md (the table).
@@ -33,7 +33,7 @@ def run(world_size: int, seed: int, out: Path, overrides: list[str]) -> Path:
     """The run directory of (world size, seed), training it first if it is not there yet."""
     group = out / f"world{world_size}" / f"seed{seed}"
     if not list(group.rglob("metrics.json")):
-        command = [sys.executable, str(REPO / "train.py"), "-c", str(REPO / "configs/meta_dataset.yaml"),
+        command = [sys.executable, str(REPO / "meta_learning.py"), "-c", str(REPO / "configs/meta_dataset.yaml"),
                    "--nproc", str(world_size), "--seed", str(seed), "-l", str(group), "-g", "."]
         for item in overrides:
             command += ["--set", item]
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..K-1 per world size (default 5)")
     parser.add_argument("--out", type=Path, default=Path("results/meta_scaling"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed on to train.py, e.g. --set meta.outer_steps=100 for a quick look")
+                        help="passed on to meta_learning.py, e.g. --set meta.outer_steps=100 for a quick look")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[int, list[tuple[int, float, Path]]] = {}

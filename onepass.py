@@ -32,7 +32,6 @@ To use your own model from the command line instead, name its factory in a confi
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +45,9 @@ import datasets
 import distributed
 import measure
 import models
+import run_files
 import train
+import util
 from schema import REPO_DIR, Config, ConfigError, OptimiserConfig, short_repr
 
 CONFIG_DIR = REPO_DIR / "configs"
@@ -147,7 +148,7 @@ def _tensor(value: Any, what: str) -> torch.Tensor:
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"{what}: not a tensor or array ({train.one_line(error)})") from None
+        raise ConfigError(f"{what}: not a tensor or array ({util.one_line(error)})") from None
 
 
 def as_split(data: Data | None, what: str) -> datasets.Split | None:
@@ -164,7 +165,7 @@ def as_split(data: Data | None, what: str) -> datasets.Split | None:
             targets = torch.stack([_tensor(pair[1], f"{what} targets") for pair in pairs])
         except (TypeError, IndexError, RuntimeError, KeyError) as error:
             raise ConfigError(f"{what}: expected (inputs, targets) or a Dataset of (input, target) pairs "
-                              f"({train.one_line(error)})") from None
+                              f"({util.one_line(error)})") from None
     else:
         raise ConfigError(f"{what}: expected (inputs, targets) or a Dataset of (input, target) pairs, "
                           f"got {type(data).__name__}")
@@ -261,10 +262,9 @@ def tune(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Te
                       len(train_split))
     if log_dir is not None:
         cfg = replace(cfg, log_root=str(log_dir))
-        train.check_outputs(cfg, None)
-    if cfg.seed is None:
-        cfg = replace(cfg, seed=secrets.randbelow(2**31))
-    device, dtype = train.resolve_device(cfg.device), getattr(torch, cfg.dtype)
+        run_files.check_outputs(cfg, None)
+    cfg = util.seeded(cfg)
+    device, dtype = distributed.resolve_device(cfg.device), getattr(torch, cfg.dtype)
     splits = make_splits(train_split, validation_split, test, task, dtype, device)
     if cfg.dataset.validation_proportion == 0 and splits.validation is not None:   # Random: train on both
         both = datasets.Split(torch.cat([splits.train.inputs, splits.validation.inputs]),
@@ -287,26 +287,25 @@ def _run(setup: train.Setup, callback: Callable[[Window], bool | None] | None, l
          has_test: bool) -> Result:
     cfg, run_dir, log = setup.cfg, None, None
     if logged:
-        run_dir, log = train.open_run(cfg, distributed.SINGLE)
-    learner = train.Learner(setup, log=log)
-    if log is not None:
-        log.hparams(*learner.hparams())
+        run_dir, log = run_files.open_run(cfg, distributed.SINGLE)
+    learner = train.Learner(setup)
+    train.start_log(learner, log, resumed=False)
     stop = False
-    if callback is not None:
-        def after_window(learner: train.Learner) -> None:
-            nonlocal stop
-            stop = bool(callback(Window(learner.windows_done, learner.steps_done, _natural(learner), learner.model)))
-        learner.after_window = after_window
-        learner.stop_requested = lambda: stop
+
+    def after_window(learner: train.Learner) -> None:
+        nonlocal stop
+        record = learner.record
+        stop = bool(callback(Window(record.windows_done, record.steps_done, _natural(learner), learner.model)))
     try:
-        metrics = learner.run()
+        metrics = learner.run(after_window=after_window if callback is not None else None,
+                              stop_requested=lambda: stop)
     finally:
         if log is not None:
             log.close()
     if not has_test:       # the Test tags measured a stand-in split
         metrics["final"] = {tag: value for tag, value in metrics["final"].items() if not tag.endswith("/Test")}
     if log is not None:
-        metrics = train.close_run(run_dir, log, metrics, cfg, distributed.SINGLE)
+        metrics = run_files.close_run(run_dir, log, metrics, cfg, distributed.SINGLE)
     else:
         metrics |= {"seed": cfg.seed, "threads": cfg.threads}
     return Result(setup.model, _natural(learner), metrics, cfg, run_dir)

@@ -159,13 +159,11 @@ def calibrate(cfg: config.Config) -> dict:
                     tuning=replace(cfg.tuning, unroll_steps=unroll))
     start = time.perf_counter()
     learner = train.Learner(train.prepare(short))
-    learner.show_progress = False
     setup = time.perf_counter() - start
-    learner.train_windows()
+    learner.train_windows(show_progress=False)
     timed, windows = 0.0, 0
     while timed < CALIBRATION_SECONDS:
-        learner.cfg = replace(learner.cfg, hyperparameter_steps=learner.windows_done + 1)
-        timed += learner.train_windows()
+        timed += learner.train_windows(until=learner.record.windows_done + 1, show_progress=False)
         windows += 1
     return {"setup_seconds": round(setup, 4), "seconds_per_step": timed / (windows * steps), "windows": windows}
 

@@ -7,23 +7,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import json
 import math
 import os
 import re
 import secrets
-import socket
-import stat
 import struct
 import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
@@ -31,11 +26,10 @@ import google_crc32c
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
-from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from tensorboard.compat.proto.event_pb2 import Event
 from tqdm import tqdm
 
-from schema import ConfigError, short, short_repr
+from schema import Config, ConfigError, short
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -155,31 +149,6 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
-    """Create `log_root/group/<date>-<time>-<random>[-name]`, never reusing an existing folder."""
-    parent = Path(log_root) / group
-    _refuse_escape(log_root, group, name)
-    parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-        path = parent / (f"{stem}-{name}" if name else stem)
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def _refuse_escape(log_root: str, group: str, name: str | None) -> None:
-    """Behind the config's own check of the names: a group that leads out of log_root (absolute, or
-    through '..') or a name that is more than one folder name would write elsewhere."""
-    root, folder = os.path.abspath(log_root), os.path.abspath(Path(log_root) / group)
-    if os.path.commonpath([root, folder]) != root:
-        raise ConfigError(f"run group {short_repr(group)} leads out of log_root {log_root}")
-    if os.path.dirname(os.path.abspath(Path(folder) / f"stamp-{name or ''}")) != folder:
-        raise ConfigError(f"run_name {short_repr(name)} is not a name: it would make a path")
-
-
 def check_output_folder(folder: Path, named: str, fix: str) -> None:
     """ConfigError "`named`: <why>; `fix`" unless files can be written below `folder`: the nearest
     existing folder of its path must be a writable folder."""
@@ -187,46 +156,6 @@ def check_output_folder(folder: Path, named: str, fix: str) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         problem = "not a folder" if not existing.is_dir() else "read-only"
         raise ConfigError(f"{named}: {existing} is {problem}; {fix}")
-
-
-LOCK_NAME = ".lock"
-
-
-class RunDirInUse(ConfigError):
-    """A run directory that another process holds (see hold_run_dir)."""
-
-
-def hold_run_dir(run_dir: Path) -> BinaryIO:
-    """An exclusive lock on `run_dir` for this process (its pid written in the lock file), until the
-    returned file is closed or the process ends; ConfigError at once if another process holds it
-    (two runs logging into one directory would cut back and overwrite each other's files)."""
-    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    lock = os.fdopen(descriptor, "r+b")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n".encode())
-        lock.flush()
-        return lock
-    except BlockingIOError:
-        holder = lock.read(20).decode(errors="replace").strip() or "unknown"
-        lock.close()
-        raise RunDirInUse(f"run directory {run_dir} is in use by another process (pid {holder}); wait for it to "
-                          f"end, or stop it") from None
-    except BaseException:
-        lock.close()
-        raise
-
-
-def held_elsewhere(run_dir: Path) -> bool:
-    """Whether another process holds `run_dir` now: a run in progress there, which nothing may remove."""
-    try:
-        with hold_run_dir(run_dir):
-            return False
-    except RunDirInUse:
-        return True
-    except OSError:                 # unwritable, or a link at the lock's name: no run holds it
-        return False
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -282,129 +211,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def _masked_crc32c(data: bytes) -> int:
+def masked_crc32c(data: bytes) -> int:
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 EVENTS_PREFIX = "events.out.tfevents."
-
-
-class RunLog:
-    """TensorBoard event file of one run, written synchronously in the calling thread.
-
-    All scalars of a step go into one event. Records use the TFRecord framing that TensorBoard
-    reads (length, masked CRC-32C of the length, payload, masked CRC-32C of the payload); the
-    file is flushed every `flush_seconds`, so TensorBoard follows a live run without a writer
-    thread competing with training for the interpreter.
-    """
-
-    def __init__(self, run_dir: Path, flush_seconds: float = 10.0, lock: BinaryIO | None = None):
-        self.run_dir = run_dir
-        self._lock = lock          # hold_run_dir's, released by `release`
-        # Unique, never overwritten, and in time order by name: a resumed run adds its own file
-        # beside its predecessor's.
-        now = time.time_ns()
-        self.name = f"{EVENTS_PREFIX}{now // 10**9}.{socket.gethostname()}.{os.getpid()}.{now}"
-        self._file = open(run_dir / self.name, "xb")  # noqa: SIM115 -- closed in close()
-        self._bytes = 0
-        self._flush_seconds = flush_seconds
-        self._last_flush = time.monotonic()
-        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-        self._write(Event(wall_time=time.time(), step=step, summary=summary))
-
-    def hparams(self, values: dict[str, float | int | str | bool], metrics: list[str]) -> None:
-        """TensorBoard's HParams record of this run: its settings, and the scalar tags whose last
-        values compare runs in the HParams tab."""
-        from torch.utils.tensorboard.summary import hparams
-        for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
-            self._write(Event(wall_time=time.time(), summary=summary))
-
-    def histogram(self, step: int, tag: str, values: torch.Tensor, bins: int = 64) -> None:
-        """A TensorBoard histogram of `values`, computed with torch: numpy's histogram calls BLAS,
-        whose idle threads then spin on the cores that training needs."""
-        values = values.detach().reshape(-1).to(torch.float64)
-        low, high = values.min().item(), values.max().item()
-        if high > low:
-            counts = torch.histc(values, bins=bins, min=low, max=high).tolist()
-            limits = torch.linspace(low, high, bins + 1, dtype=torch.float64)[1:].tolist()
-        else:
-            counts, limits = [float(len(values))], [high]
-        histogram = HistogramProto(min=low, max=high, num=len(values), sum=values.sum().item(),
-                                   sum_squares=values.dot(values).item(), bucket_limit=limits, bucket=counts)
-        summary = Summary(value=[Summary.Value(tag=tag, histo=histogram)])
-        self._write(Event(wall_time=time.time(), step=step, summary=summary))
-
-    def _write(self, event: Event) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        record = header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
-        self._file.write(record)
-        self._bytes += len(record)
-        if time.monotonic() - self._last_flush > self._flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self._file.flush()
-        self._last_flush = time.monotonic()
-        if os.fstat(self._file.fileno()).st_nlink == 0:     # writes to a removed file succeed, and are lost
-            raise FileNotFoundError(errno.ENOENT, "its event file was removed mid-run", str(self.run_dir / self.name))
-
-    def position(self) -> dict[str, str | int]:
-        """Where the log is, on disk (it is flushed), for a checkpoint: see `discard_events_after`."""
-        if not self._file.closed:
-            self.flush()
-        return {"file": self.name, "bytes": self._bytes}
-
-    def restart_at(self, step: int) -> None:
-        """Mark a resumption: TensorBoard discards earlier files' events from `step` on (what a
-        killed run logged after its last checkpoint)."""
-        self._write(Event(wall_time=time.time(), step=step, session_log=SessionLog(status=SessionLog.START)))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def release(self) -> None:
-        """Close the log and let other processes have its run directory."""
-        self.close()
-        if self._lock is not None:
-            self._lock.close()
-
-
-def _not_an_event_file(path: Path, why: str) -> ConfigError:
-    return ConfigError(f"{path}: the event file the checkpoint names is not the run's own regular file ({why}); "
-                       f"resuming cuts it back, never through a link: remove it, or put the run's file back")
-
-
-def discard_events_after(run_dir: Path, position: dict | None) -> None:
-    """Cut a run's event files back to a checkpoint's `position` (RunLog.position, checked by the
-    caller): what a killed run logged after its checkpoint, and any file a later segment began, are
-    superseded by a run resumed from it. TensorBoard's own purge on restart (`restart_at`) drops steps
-    from one step on, right for the weight-step axis but not for the Last_* tags on the
-    hyperparameter-step axis. Only a regular file of the run directory is cut, never through a link."""
-    if position is None:
-        return                                   # an older checkpoint: `restart_at` alone
-    kept = run_dir / position["file"]
-    try:
-        descriptor = os.open(kept, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    except OSError as error:                     # ELOOP: a link; EISDIR, ENXIO: a folder, a fifo
-        raise _not_an_event_file(kept, "a symbolic link" if error.errno == errno.ELOOP else error.strerror) from None
-    try:
-        found = os.fstat(descriptor)
-        if not stat.S_ISREG(found.st_mode):
-            raise _not_an_event_file(kept, "not a file")
-        if found.st_size > position["bytes"]:
-            os.ftruncate(descriptor, position["bytes"])
-    finally:
-        os.close(descriptor)
-    for file in run_dir.glob(f"{EVENTS_PREFIX}*"):
-        if file.name > kept.name:                # names are in time order
-            file.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,8 +433,8 @@ def _parse_event_files(files: list[Path]) -> tuple[dict[str, Scalar], dict[str, 
 
 def _decode_record(file: Path, data: bytes, offset: int, start: int, end: int) -> Event:
     """The event of the complete record at `offset`, its checksums verified."""
-    header_ok = struct.unpack_from("<I", data, offset + 8)[0] == _masked_crc32c(data[offset:offset + 8])
-    if header_ok and struct.unpack_from("<I", data, end)[0] == _masked_crc32c(data[start:end]):
+    header_ok = struct.unpack_from("<I", data, offset + 8)[0] == masked_crc32c(data[offset:offset + 8])
+    if header_ok and struct.unpack_from("<I", data, end)[0] == masked_crc32c(data[start:end]):
         try:
             return Event.FromString(data[start:end])
         except DecodeError:
@@ -689,3 +501,13 @@ def stack(runs: list[Run], tag: str) -> tuple[np.ndarray, np.ndarray]:
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity: write those as null."""
     return value if math.isfinite(value) else None
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters (library messages run long)."""
+    return short(" ".join(str(error).split()) or type(error).__name__, limit)
+
+
+def seeded(cfg: Config) -> Config:
+    """`cfg` with a seed: its own, or one drawn now (a run records it in config.json, to be repeated)."""
+    return cfg if cfg.seed is not None else replace(cfg, seed=secrets.randbelow(2**31))

@@ -15,6 +15,7 @@ from scipy.stats import binom
 import config
 import parallel_exec
 import results_table
+import run_files
 import train
 import util
 from tests.conftest import REPO, run_cli
@@ -32,7 +33,7 @@ def write_finished_run(run_dir: Path, algorithm: str, final: dict[str, float | N
     util.write_json(run_dir / "config.json", config.to_dict(cfg))
     util.write_json(run_dir / "metrics.json", {"status": status, "weight_steps": 100, "train_seconds": 1.0,
                                                "segments": 1, "final": final})
-    log = util.RunLog(run_dir)
+    log = run_files.RunLog(run_dir)
     test = final.get("Unnormalised_Loss/Test")
     for step in range(0, 101, 50):
         log.scalars(step, {"Unnormalised_Loss/Test": math.nan if test is None else test * (2 - step / 100)})

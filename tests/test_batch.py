@@ -16,6 +16,7 @@ import pytest
 
 import parallel_exec
 import run_all
+import run_files
 import util
 from tests.conftest import REPO
 
@@ -278,7 +279,7 @@ def test_a_run_that_another_batch_holds_is_left_to_it(tmp_path):
     busy = first.run_dir(tmp_path)
     busy.mkdir(parents=True)
     (busy / "events.out.tfevents.1.host").write_bytes(b"being written")
-    with util.hold_run_dir(busy):                  # as the run in progress in the other batch does
+    with run_files.hold_run_dir(busy):                  # as the run in progress in the other batch does
         counts = parallel_exec.run_batch([first, second], tmp_path, workers=1, show_progress=False)
         assert (busy / "events.out.tfevents.1.host").read_bytes() == b"being written"
     assert counts["running elsewhere"] == 1 and counts["completed"] == 1

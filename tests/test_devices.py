@@ -9,7 +9,7 @@ import torch
 
 import config
 import distributed
-import train
+import launch
 from config import ConfigError
 from tests.conftest import REPO, run_cli
 
@@ -45,17 +45,17 @@ def test_more_ranks_than_gpus_is_refused(gpus):
     gpus(1)
     with pytest.raises(ConfigError, match=r"^2 processes on this machine need a GPU each, but 1 is visible; "
                                           r"use --nproc 1 or fewer, or --device cpu$"):
-        train.check_launch(cfg_on("cuda"), 2)
+        launch.check_launch(cfg_on("cuda"), 2)
     gpus(2)
-    train.check_launch(cfg_on("cuda"), 2)
-    train.check_launch(cfg_on("auto"), 2)
-    train.check_launch(cfg_on("cuda"), 4, local_world_size=2)       # torchrun: 2 nodes of 2 GPUs
+    launch.check_launch(cfg_on("cuda"), 2)
+    launch.check_launch(cfg_on("auto"), 2)
+    launch.check_launch(cfg_on("cuda"), 4, local_world_size=2)       # torchrun: 2 nodes of 2 GPUs
     with pytest.raises(ConfigError, match="but 2 are visible"):
-        train.check_launch(cfg_on("cuda"), 3)
+        launch.check_launch(cfg_on("cuda"), 3)
     with pytest.raises(ConfigError, match="names one GPU; with several processes use --device cuda"):
-        train.check_launch(cfg_on("cuda:1"), 2)
-    train.check_launch(cfg_on("cuda:1"), 1)
-    train.check_launch(cfg_on("cpu"), 8)                             # gloo: no GPU needed
+        launch.check_launch(cfg_on("cuda:1"), 2)
+    launch.check_launch(cfg_on("cuda:1"), 1)
+    launch.check_launch(cfg_on("cpu"), 8)                             # gloo: no GPU needed
 
 
 def test_resolve_device_names_the_gpu(gpus, monkeypatch):
@@ -63,13 +63,13 @@ def test_resolve_device_names_the_gpu(gpus, monkeypatch):
     GPU number beyond those visible accepted until a CUDA error."""
     gpus(2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert train.resolve_device("cuda") == torch.device("cuda", 1)
-    assert train.resolve_device("auto") == torch.device("cuda", 1)
-    assert train.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert distributed.resolve_device("cuda") == torch.device("cuda", 1)
+    assert distributed.resolve_device("auto") == torch.device("cuda", 1)
+    assert distributed.resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ConfigError, match="only 2 GPU"):
-        train.resolve_device("cuda:2")
+        distributed.resolve_device("cuda:2")
     gpus(0)
-    assert train.resolve_device("auto") == torch.device("cpu")
+    assert distributed.resolve_device("auto") == torch.device("cpu")
 
 
 def test_backend_and_device_of_each_rank(gpus, monkeypatch):
@@ -101,14 +101,14 @@ def test_a_spawned_rank_joins_nccl_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(distributed.util, "share_cores", lambda world_size: None)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.setenv(name, "")
-    context = distributed.join_local_group(1, 2, 1234, None, "cuda")
+    context = launch.join_local_group(1, 2, 1234, None, "cuda")
     assert context == distributed.Context(1, 2, torch.device("cuda", 1))
     assert (joined["backend"], joined["rank"], joined["world_size"]) == ("nccl", 1, 2)
     assert current == [torch.device("cuda", 1)]
     assert isinstance(joined["timeout"], datetime.timedelta)
     joined.clear()
     current.clear()
-    assert distributed.join_local_group(1, 2, 1234, None, "cpu").device == torch.device("cpu")
+    assert launch.join_local_group(1, 2, 1234, None, "cpu").device == torch.device("cpu")
     assert joined["backend"] == "gloo" and current == []
 
 

@@ -178,18 +178,20 @@ def test_nproc_below_one_is_rejected(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-BAD_UNDER_NPROC = {
-    "missing dataset": lambda tmp: ["-c", "configs/uci_energy.yaml", "configs/Ours_LR.yaml",
-                                    "--set", f"dataset.data_dir={tmp / 'missing'}"],
-    "checkpoint with the meta task": lambda tmp: ["-c", "configs/meta_dataset.yaml", "-S", str(tmp / "state.pt")],
+BAD_UNDER_NPROC = {      # the command, and its arguments
+    "missing dataset": ("train.py", lambda tmp: ["-c", "configs/uci_energy.yaml", "configs/Ours_LR.yaml",
+                                                 "--set", f"dataset.data_dir={tmp / 'missing'}"]),
+    "checkpoint with the meta task": ("meta_learning.py", lambda tmp: ["-c", "configs/meta_dataset.yaml", "-S",
+                                                                       str(tmp / "state.pt")]),
 }
 
 
 @pytest.mark.parametrize("case", BAD_UNDER_NPROC)
 def test_bad_input_under_nproc_is_one_line_exit_2_before_any_rank_starts(case, tmp_path):
-    result = run_cli("train.py", *BAD_UNDER_NPROC[case](tmp_path), "--nproc", "2", "-l", str(tmp_path / "runs"))
+    command, arguments = BAD_UNDER_NPROC[case]
+    result = run_cli(command, *arguments(tmp_path), "--nproc", "2", "-l", str(tmp_path / "runs"))
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("train.py: error: "), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"{command}: error: "), result.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import config
+import run_files
 import train
-import util
 from schema import ConfigError
 from tests.conftest import REPO
 
@@ -48,7 +48,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below `folder` and its bytes (a link as its target's name), but the run directories'
     lock files, which hold the pid of the last process to take them."""
     return {str(p.relative_to(folder)): os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
-            for p in sorted(folder.rglob("*")) if (p.is_symlink() or p.is_file()) and p.name != util.LOCK_NAME}
+            for p in sorted(folder.rglob("*")) if (p.is_symlink() or p.is_file()) and p.name != run_files.LOCK_NAME}
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_a_resumption_without_a_seed_continues_and_records_the_checkpoints(tmp_p
 
 def hold(run_dir: Path) -> object:
     """Hold the run directory as another run would (its lock, with this process's pid)."""
-    lock = open(run_dir / util.LOCK_NAME, "w")     # noqa: SIM115 -- closed by the caller
+    lock = open(run_dir / run_files.LOCK_NAME, "w")     # noqa: SIM115 -- closed by the caller
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
@@ -156,12 +156,12 @@ def test_a_run_into_a_given_directory_in_use_is_refused_before_writing(tmp_path)
                            overrides=["hyperparameter_steps=1", f"log_root={tmp_path / 'runs'}"])
     with hold(run_dir), pytest.raises(ConfigError, match=f"is in use by another process \\(pid {os.getpid()}\\)"):
         train.train(cfg, run_dir=run_dir, show_progress=False)
-    assert [p.name for p in run_dir.iterdir()] == [util.LOCK_NAME]
+    assert [p.name for p in run_dir.iterdir()] == [run_files.LOCK_NAME]
 
 
 def test_two_concurrent_resumptions_of_one_checkpoint_the_second_is_refused(first):
     checkpoint, runs, run_dir = first
-    lock = run_dir / util.LOCK_NAME
+    lock = run_dir / run_files.LOCK_NAME
     resuming = subprocess.Popen([sys.executable, str(REPO / "train.py"),
                                  *command(runs, "--hyperparameter_steps", "100000", "-s", str(checkpoint))],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -200,8 +200,8 @@ def test_a_link_planted_at_the_lock_file_is_refused_with_the_right_advice(first,
     checkpoint, runs, run_dir = first
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (run_dir / util.LOCK_NAME).unlink(missing_ok=True)
-    (run_dir / util.LOCK_NAME).symlink_to(victim)
+    (run_dir / run_files.LOCK_NAME).unlink(missing_ok=True)
+    (run_dir / run_files.LOCK_NAME).symlink_to(victim)
     before = snapshot(runs)
     result = run(*command(runs, "--hyperparameter_steps", "3", "-s", str(checkpoint)))
     one_line_error(result, "remove the symbolic link planted in it")

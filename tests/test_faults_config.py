@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import config
+import run_files
 import train
-import util
 from config import ConfigError
 from tests.conftest import REPO, run_cli
 
@@ -76,7 +76,7 @@ def test_run_and_group_names_are_names_not_paths(case, tmp_path, capsys):
 
 def test_a_dot_group_is_the_log_root_itself(tmp_path):
     """meta_scaling.py logs with -g . : still a name."""
-    run_dir = util.make_run_dir(str(tmp_path), ".", "seed0")
+    run_dir = run_files.make_run_dir(str(tmp_path), ".", "seed0")
     assert run_dir.parent == tmp_path and run_dir.name.endswith("-seed0")
 
 
@@ -84,7 +84,7 @@ def test_a_dot_group_is_the_log_root_itself(tmp_path):
 def test_make_run_dir_never_writes_outside_log_root(group, name, tmp_path):
     root = tmp_path / "logs" / "runs"
     with pytest.raises(ConfigError, match="leads out of log_root|is not a name"):
-        util.make_run_dir(str(root), group, name)
+        run_files.make_run_dir(str(root), group, name)
     assert files_below(tmp_path) == []
 
 

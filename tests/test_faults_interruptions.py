@@ -90,7 +90,7 @@ import sys
 import distributed
 import train
 
-original = distributed.launcher_stop
+original = launch.launcher_stop
 
 
 def launcher_stop(now=False):
@@ -99,7 +99,7 @@ def launcher_stop(now=False):
     return original(now)
 
 
-distributed.launcher_stop = launcher_stop   # module level: spawned ranks import this file too
+launch.launcher_stop = launcher_stop   # module level: spawned ranks import this file too
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))
 '''
@@ -305,6 +305,7 @@ import sys
 
 import parallel_exec
 import train
+import launch
 
 original = train.train
 

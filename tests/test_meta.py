@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import grad
 
 import distributed
+import launch
 import meta_learning
 import meta_scaling
 from tests.conftest import run_cli
@@ -90,7 +91,7 @@ def _gradients(rank: int) -> dict:
 
 def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
     """One rank of the test below: writes `_gradients` to `out`.<rank>."""
-    context = distributed.join_local_group(rank, world_size, port)
+    context = launch.join_local_group(rank, world_size, port)
     try:
         with open(f"{out}.{rank}", "w") as file:
             json.dump(_gradients(rank), file)
@@ -104,7 +105,7 @@ def _rank_gradients(rank: int, world_size: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_ddp_averages_outer_gradients_of_per_rank_tasks(tmp_path):
     out = str(tmp_path / "rank")
-    with distributed.local_rendezvous() as store:
+    with launch.local_rendezvous() as store:
         torch.multiprocessing.spawn(_rank_gradients, args=(2, store.port, out), nprocs=2)
     ranks = [json.loads(open(f"{out}.{rank}").read()) for rank in range(2)]
     ddp = [torch.tensor(r["ddp"], dtype=DTYPE) for r in ranks]
@@ -117,7 +118,7 @@ def test_ddp_averages_outer_gradients_of_per_rank_tasks(tmp_path):
 @pytest.mark.slow
 def test_meta_dataset_config_runs_on_one_and_two_processes(tmp_path):
     for nproc in ("1", "2"):
-        result = run_cli("train.py", "-c", "configs/meta_dataset.yaml", "--seed", "4", "--nproc", nproc,
+        result = run_cli("meta_learning.py", "-c", "configs/meta_dataset.yaml", "--seed", "4", "--nproc", nproc,
                          "--set", "meta.outer_steps=100", "--set", "meta.evaluation_tasks=50",
                          "-l", str(tmp_path / nproc))
         assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import results_table
+import run_files
 import train
 import util
 from tests.conftest import REPO
@@ -52,7 +53,7 @@ def test_the_cache_is_used_until_the_event_files_change(logged_run):
     assert cache.stat().st_mtime_ns == cache_time and list(again.scalars) == ["Loss/Test"]
     np.testing.assert_array_equal(again.scalars["Loss/Test"].values, first.scalars["Loss/Test"].values)
 
-    log = util.RunLog(first.path)            # e.g. a resumed run adds a file
+    log = run_files.RunLog(first.path)            # e.g. a resumed run adds a file
     log.scalars(10_000, {"Loss/Test": 0.5})
     log.close()
     (changed,) = util.get_tags(logged_run, "Loss/Test").values()
@@ -64,7 +65,7 @@ def test_a_record_cut_short_by_a_kill_ends_the_file(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")
-    log = util.RunLog(run_dir)
+    log = run_files.RunLog(run_dir)
     for step in range(5):
         log.scalars(step, {"Loss/Training": float(step)})
     log.close()
@@ -151,7 +152,7 @@ def write_run(run_dir, algorithm: str, final_test: float, lr_path: list[float], 
     final = {"Unnormalised_Loss/Test": final_test, "Loss/Validation": final_test / 10}
     (run_dir / "metrics.json").write_text(json.dumps({"status": "completed", "final": final,
                                                       "train_seconds": seconds}))
-    log = util.RunLog(run_dir)
+    log = run_files.RunLog(run_dir)
     for step in range(0, 101, 10):
         log.scalars(step, {"Unnormalised_Loss/Test": final_test * (1 + (100 - step) / 10)})
     for window, lr in enumerate(lr_path):

@@ -10,6 +10,7 @@ import torch
 
 import config
 import measure
+import run_files
 import train
 import util
 from tests.conftest import REPO, run_cli
@@ -157,7 +158,7 @@ def test_divergence_stops_cleanly_with_status_diverged(tmp_path, data_dir):
 
 
 def test_run_directories_never_collide(tmp_path):
-    made = {util.make_run_dir(str(tmp_path), "group", "same") for _ in range(200)}
+    made = {run_files.make_run_dir(str(tmp_path), "group", "same") for _ in range(200)}
     assert len(made) == 200 and all(path.is_dir() for path in made)
 
 
