@@ -56,6 +56,15 @@ def loss_function(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
     return loss_at
 
 
+def in_eval_mode(model: nn.Module, loss_at: Callable) -> Callable:
+    """`loss_at` with `model` in evaluation mode: the hypergradient's validation loss is measured as
+    the held-out metrics are (BatchNorm's running statistics, no dropout)."""
+    def validation_loss_at(weights: list[torch.Tensor], batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        return loss_at(weights, batch)
+    return validation_loss_at
+
+
 class Meter:
     """The metrics of a model on the run's splits: of single batches (the validation and test
     streams, when configured) or of whole splits."""

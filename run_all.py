@@ -25,6 +25,7 @@ from pathlib import Path
 
 import config
 import parallel_exec
+import progress
 import results_table
 import util
 from config import ConfigError
@@ -274,7 +275,7 @@ def list_experiments(results: Path, workers: int) -> None:
         runs = len(jobs) * (BAYESOPT_EVALUATIONS if experiment.runner == "bayesopt" else 1)
         seconds, missing = estimate(jobs, results, table["kinds"])
         seconds *= runs / len(jobs)
-        when = util.duration(seconds / min(workers, runs)) if not missing else f"{missing} untimed"
+        when = progress.duration(seconds / min(workers, runs)) if not missing else f"{missing} untimed"
         print(f"{name:<34}{runs:>8}{when:>14}   {experiment.description}", flush=True)
 
 

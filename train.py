@@ -39,6 +39,7 @@ from algorithms.hyperparameters import tag as hyperparameter_tag
 from algorithms.steps import Problem, Step
 from algorithms.weight_update import RULES, clip_gradient_norm, detached
 from config import Config, ConfigError
+from progress import Progress
 
 
 @dataclass
@@ -159,12 +160,10 @@ def _asked(stop_requested: Callable[[], object] | None) -> bool:
 
 
 class Learner:
-    """The training loop: T weight steps, one hyperparameter step, repeated H times.
+    """The training loop: H windows of T weight steps, each followed by one hyperparameter step.
 
-    The Learner owns the weights (the model's parameters), the weight-update rule's state and the
-    hyperparameters; the algorithm decides how the last steps of each window are taken and turns
-    them into a hyperparameter step; the record counts and logs.
-    """
+    It owns the weights (the model's parameters), the rule's state and the hyperparameters; the
+    algorithm takes each window's last steps and the hyperparameter step; the record counts and logs."""
 
     def __init__(self, setup: Setup, log: run_files.RunLog | None = None,
                  context: distributed.Context = distributed.SINGLE):
@@ -180,26 +179,17 @@ class Learner:
         self.hyperparameters = Hyperparameters(cfg, self.rule.hyperparameters, self.params)
         self.fast_hyperparameters = self.hyperparameters.natural_values()   # refreshed every window
         loss_at = measure.loss_function(self.model, setup.loss_fn, self.params)
-        self.problem = Problem(loss_at, self._in_eval_mode(loss_at), self.rule, cfg.optimiser.gradient_clip,
-                               context, distributed.couples_ranks(self.model))
+        self.problem = Problem(loss_at, measure.in_eval_mode(self.model, loss_at), self.rule,
+                               cfg.optimiser.gradient_clip, context, distributed.couples_ranks(self.model))
         self.algorithm = algorithms.build(cfg, self.problem, self.hyperparameters, self.params, self.rule_state)
         self.record = Record(log, cfg.network_weight_steps, cfg.log_every)
-
-    def _in_eval_mode(self, loss_at: Callable) -> Callable:
-        def validation_loss_at(weights: list[torch.Tensor], batch: datasets.Batch) -> tuple[torch.Tensor, ...]:
-            self.model.eval()
-            return loss_at(weights, batch)
-        return validation_loss_at
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit (between windows). Collective
         under DDP (recurrent states are gathered from every rank): call it on all ranks."""
-        device = self.params[0].device
-        return self.record.state_dict() | {
-            "model": self.model.state_dict(), "rule_state": self.rule_state,
-            "hyperparameters": self.hyperparameters.state_dict(), "algorithm": self.algorithm.state_dict(),
-            "streams": self.streams.state_dict(), "torch_rng": torch.get_rng_state(),
-        } | ({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
+        return self.record.state_dict() | util.random_state(self.params[0].device) | {
+            "model": self.model.state_dict(), "rule_state": self.rule_state, "streams": self.streams.state_dict(),
+            "hyperparameters": self.hyperparameters.state_dict(), "algorithm": self.algorithm.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.record.load_state_dict(state)
@@ -208,11 +198,7 @@ class Learner:
         self.hyperparameters.load_state_dict(state["hyperparameters"])
         self.algorithm.load_state_dict(state["algorithm"])
         self.streams.load_state_dict(state["streams"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.params[0].device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.params[0].device)
-
-    # -- weight steps -----------------------------------------------------------------------------
+        util.set_random_state(state, self.params[0].device)
 
     def fast_step(self, batch: datasets.Batch) -> Step:
         """An untracked step, in place: the gradient summed over ranks (clipped when configured),
@@ -232,11 +218,8 @@ class Learner:
         self.record.steps_done += 1
         return step, batch
 
-    # -- the loop ---------------------------------------------------------------------------------
-
     def run(self, **options: object) -> dict:
-        """Train for H windows of T steps (`train_windows`' options), logging as configured; returns
-        the final metrics."""
+        """Train for H windows of T steps (options: `train_windows`'); returns the final metrics."""
         self.train_windows(**options)
         return self.finish()
 
@@ -247,8 +230,9 @@ class Learner:
         `stop_requested()`, asked between windows, ends the run there with status "interrupted"."""
         record, T = self.record, self.cfg.network_weight_steps
         start, seconds_before = time.perf_counter(), record.train_seconds
-        progress = util.Progress(self.cfg.total_weight_steps, record.steps_done, self.name, "step",
-                                 enabled=show_progress and self.context.is_rank0)
+        name = f"{self.cfg.algorithm} on {self.cfg.dataset.name}"
+        progress = Progress(self.cfg.total_weight_steps, record.steps_done, name, "step",
+                            enabled=show_progress and self.context.is_rank0)
         for h in range(record.windows_done, until or self.cfg.hyperparameter_steps):
             last = self._window(h)
             # Ranks agree on a stop request in the all-reduce of the divergence check, so that all stop
@@ -270,14 +254,10 @@ class Learner:
                 record.status = "interrupted"      # between windows: a checkpoint now resumes bit for bit
                 break
         if time.perf_counter() - start >= progress.every:       # long runs measure long splits: say so
-            progress.write(f"{self.name}: measuring the final weights on the whole splits")
+            progress.write(f"{name}: measuring the final weights on the whole splits")
         progress.close()
         record.train_seconds = seconds_before + time.perf_counter() - start
         return time.perf_counter() - start
-
-    @property
-    def name(self) -> str:
-        return f"{self.cfg.algorithm} on {self.cfg.dataset.name}"
 
     def _window(self, h: int) -> Step:
         """Window h's T steps: the first in place, the last `tracked_steps` through the algorithm,

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the re
 import config  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
+import run_files  # noqa: E402
 import train  # noqa: E402
-import util  # noqa: E402
 
 TARGETS = {"Ours_LR": 1.5, "Ours_LR_Momentum": 1.5, "Lorraine": 1.5, "DiffThroughOpt": 3.0,
            "Ours_HDLR_Momentum": 2.0, "Baydin": None}
@@ -65,7 +65,7 @@ WORKLOADS = {"uci_energy": uci_energy_setup, "fashion_mnist_sized": fashion_mnis
 def time_run(setup: train.Setup) -> float:
     """Seconds for one `Learner.run()`, logging to a fresh run directory (setup not timed)."""
     cfg = setup.cfg
-    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name))
+    log = run_files.RunLog(run_files.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name))
     try:
         learner = train.Learner(setup, log)
         start = time.perf_counter()
@@ -96,9 +96,9 @@ def step_costs(make_setup, log_root: str, rollback_distance: int) -> tuple[float
 
     def last_step_and_hypergradient() -> None:
         weights = [p.detach().clone().requires_grad_() for p in learner.params]
-        last, _ = learner.weight_step(functools.partial(learner.algorithm.track, weights, learner.rule_state))
-        learner.algorithm.hypergradient(last, next(learner.hyper_batches))
-    fast = median_seconds(lambda: learner.weight_step(learner.fast_step))
+        last, _ = learner.train_step(functools.partial(learner.algorithm.track, weights, learner.rule_state))
+        learner.algorithm.hypergradient(last, next(learner.streams.hyper))
+    fast = median_seconds(lambda: learner.train_step(learner.fast_step))
     return fast, median_seconds(last_step_and_hypergradient), setup.cfg.network_weight_steps
 
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the re
 
 import config  # noqa: E402
 import models  # noqa: E402
+import run_files  # noqa: E402
 import train  # noqa: E402
-import util  # noqa: E402
 from config import Config  # noqa: E402
 
 CONFIG_FILES = [REPO / "configs" / "uci_energy.yaml", REPO / "configs" / "Random.yaml"]
@@ -41,7 +41,7 @@ def load_config(log_root: str) -> Config:
 def time_framework(cfg: Config) -> float:
     """Seconds for one full `Learner.run()`, logging to a fresh run directory (setup not timed)."""
     setup = train.prepare(cfg)
-    log = util.RunLog(util.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name))
+    log = run_files.RunLog(run_files.make_run_dir(cfg.log_root, cfg.run_group, cfg.run_name))
     try:
         start = time.perf_counter()
         train.Learner(setup, log).run()

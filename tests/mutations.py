@@ -70,11 +70,12 @@ MUTATIONS = (
     Mutation("buffer_attached", "the rule's state (momentum buffers) not detached after the tracked steps",
              "train.py", (("self.rule_state = detached(last.rule_state)", "self.rule_state = last.rule_state"),)),
     Mutation("tracked_step_early", "the tracked step one position early (a fast step after it)", "train.py",
-             (("            for s in range(T - tracked):\n",
-               "            for s in range(T - tracked - 1):\n"),
-              ("                last = self._tracked_steps(h, T - tracked, T)\n",
-               "                last = self._tracked_steps(h, T - tracked - 1, T - 1)\n"
-               "                last = self._logged_step(h, T - 1, self.fast_step)\n"))),
+             (("        for s in range(T - tracked):\n",
+               "        for s in range(T - tracked - 1):\n"),
+              ("        return self._tracked_steps(h * T + T - tracked, tracked) if tracked else last\n",
+               "        if tracked:\n"
+               "            self._tracked_steps(h * T + T - tracked - 1, tracked)\n"
+               "        return self._logged_step(h * T + T - 1, self.fast_step)\n"))),
     Mutation("unrolled_r_minus_1", "R - 1 unrolled steps instead of R", "algorithms/unrolled.py",
              (("self.tracked_steps = cfg.tuning.unroll_steps or cfg.network_weight_steps",
                "self.tracked_steps = (cfg.tuning.unroll_steps or cfg.network_weight_steps) - 1"),)),
@@ -122,8 +123,8 @@ MEASUREMENT_MUTATIONS: tuple[Mutation, ...] = (
              "measure.py", (("        self.model.eval()\n        totals", "        totals"),),
              (f"{MEASUREMENT}::test_held_out_metrics_are_an_eval_mode_forward",)),
     Mutation("validation_loss_train_mode", "the hypergradient's validation loss computed in training mode",
-             "train.py", (("        self.model.eval()\n        return self._loss_at(weights, batch)",
-                           "        return self._loss_at(weights, batch)"),),
+             "measure.py", (("        model.eval()\n        return loss_at(weights, batch)",
+                           "        return loss_at(weights, batch)"),),
              (f"{MEASUREMENT}::test_the_hypergradient_validation_gradient_is_an_eval_mode_gradient",)),
     Mutation("lr_bounds_ln", "lr bounds taken to the raw (log10) space with ln", "algorithms/hyperparameters.py",
              (("(math.log10(bound) for bound in self.lr_bounds)", "(math.log(bound) for bound in self.lr_bounds)"),),
@@ -143,8 +144,7 @@ MEASUREMENT_MUTATIONS: tuple[Mutation, ...] = (
              (f"{MEASUREMENT}::test_the_shipped_ours_configs_are_the_papers_settings",
               f"{MEASUREMENT}::test_implicit_hypergradients_at_other_i[shipped_i]")),
     Mutation("hyper_stream_like_training", "the hypergradient's batches seeded like the training batches",
-             "train.py", (("self.hyper_batches = self._stream(hyper_split, 3)",
-                           "self.hyper_batches = self._stream(hyper_split, 1)"),),
+             "datasets.py", (('"hyper": 3', '"hyper": 1'),),
              (f"{MEASUREMENT}::test_the_hypergradient_batches_are_drawn_apart_from_the_training_batches",)),
     Mutation("clip_per_shard", "each rank clipping its shard's gradient before the cross-rank sum", "train.py",
              (("        gradient = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), "

@@ -59,16 +59,16 @@ FAILING_DRIVER = '''
 import sys
 import train
 
-original = train.Learner.weight_step
+original = train.Learner.train_step
 
 
-def weight_step(self, stepper):
-    if self.context.rank == 1 and self.steps_done == 25:
+def train_step(self, stepper):
+    if self.context.rank == 1 and self.record.steps_done == 25:
         raise RuntimeError("injected failure on rank 1")
     return original(self, stepper)
 
 
-train.Learner.weight_step = weight_step   # module level: spawned ranks import this file too
+train.Learner.train_step = train_step   # module level: spawned ranks import this file too
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))
 '''
@@ -108,7 +108,7 @@ def same_on_every_rank(tensors, what):
     return 1
 
 
-original_step = train.Learner.weight_step
+original_step = train.Learner.train_step
 checks = {"weights": 0, "hypergradients": 0}
 
 
@@ -134,7 +134,7 @@ def finish(self, *args):
     return original_finish(self, *args)
 
 
-train.Learner.weight_step, train.Learner.finish = weight_step, finish
+train.Learner.train_step, train.Learner.finish = weight_step, finish
 for cls in {cls for cls in algorithms.ALGORITHMS.values() if "hypergradient" in vars(cls)}:
     cls.hypergradient = checked(cls.hypergradient)
 if __name__ == "__main__":

@@ -147,16 +147,16 @@ import time
 
 import train
 
-late = train.Learner.weight_step
+late = train.Learner.train_step
 
 
-def weight_step(self, stepper):
-    if self.context.rank == 2 and self.steps_done == 25:
+def train_step(self, stepper):
+    if self.context.rank == 2 and self.record.steps_done == 25:
         time.sleep(1.5)
     return late(self, stepper)
 
 
-train.Learner.weight_step = weight_step
+train.Learner.train_step = train_step
 '''
 
 

@@ -217,11 +217,11 @@ import time
 
 import train
 
-original = train.Learner.weight_step
+original = train.Learner.train_step
 
 
-def weight_step(self, stepper):
-    if self.context.rank == 1 and self.steps_done == 25:
+def train_step(self, stepper):
+    if self.context.rank == 1 and self.record.steps_done == 25:
         if os.environ["FAULT"] == "hang":
             if "MARK" in os.environ:       # tells the test that rank 1 hangs now
                 open(os.environ["MARK"], "w").close()
@@ -231,7 +231,7 @@ def weight_step(self, stepper):
     return original(self, stepper)
 
 
-train.Learner.weight_step = weight_step   # module level: spawned ranks import this file too
+train.Learner.train_step = train_step   # module level: spawned ranks import this file too
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))
 '''

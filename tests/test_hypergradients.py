@@ -49,7 +49,7 @@ def tracked_steps(learner: train.Learner, steps: int) -> Step:
     """`steps` steps through the algorithm, as the loop takes a window's last ones (unlogged)."""
     weights, state = [p.detach().clone().requires_grad_() for p in learner.params], learner.rule_state
     for _ in range(steps):
-        last, _ = learner.weight_step(functools.partial(learner.algorithm.track, weights, state))
+        last, _ = learner.train_step(functools.partial(learner.algorithm.track, weights, state))
         weights, state = last.weights, last.rule_state
         with torch.no_grad():
             torch._foreach_copy_(learner.params, weights)
@@ -58,7 +58,7 @@ def tracked_steps(learner: train.Learner, steps: int) -> Step:
 
 def tracked_hypergradient(learner: train.Learner) -> list[torch.Tensor]:
     """One tracked step on the (full) training batch, then the algorithm's hypergradient."""
-    return learner.algorithm.hypergradient(tracked_steps(learner, 1), next(learner.hyper_batches))
+    return learner.algorithm.hypergradient(tracked_steps(learner, 1), next(learner.streams.hyper))
 
 
 def linear_learner(algorithm: str, *overrides: str) -> train.Learner:
@@ -151,7 +151,7 @@ def test_per_element_lr_hypergradient_sums_to_the_scalar_one():
     for learner in (scalar, per_element):
         learner.fast_hyperparameters = learner.hyperparameters.natural_values()
         for _ in range(3):
-            learner.weight_step(learner.fast_step)
+            learner.train_step(learner.fast_step)
     scalar_grads = tracked_hypergradient(scalar)
     element_grads = tracked_hypergradient(per_element)
     n = len(per_element.params)
@@ -169,7 +169,7 @@ def warmed_up(learner: train.Learner, steps: int = 3) -> tuple[list[torch.Tensor
     """A few fast steps (so momentum buffers exist), then a snapshot of weights and state."""
     learner.fast_hyperparameters = learner.hyperparameters.natural_values()
     for _ in range(steps):
-        learner.weight_step(learner.fast_step)
+        learner.train_step(learner.fast_step)
     return [p.detach().clone() for p in learner.params], copy.deepcopy(learner.rule_state)
 
 
@@ -179,7 +179,7 @@ def validation_loss_after_fast_steps(learner, weights, state, steps) -> float:
     learner.rule_state = copy.deepcopy(state)
     learner.fast_hyperparameters = learner.hyperparameters.natural_values()
     for _ in range(steps):
-        learner.weight_step(learner.fast_step)
+        learner.train_step(learner.fast_step)
     validation = learner.splits.validation
     return float(learner.meter.evaluate(learner.meter.whole(validation))["Loss"])
 
@@ -189,7 +189,7 @@ def unrolled_hypergradient(*overrides: str) -> tuple[train.Learner, list[torch.T
     learner = learner_for("DiffThroughOpt", *UNROLLED, *overrides)
     weights, state = warmed_up(learner)
     last = tracked_steps(learner, 5)
-    return learner, weights, state, learner.algorithm.hypergradient(last, next(learner.hyper_batches))
+    return learner, weights, state, learner.algorithm.hypergradient(last, next(learner.streams.hyper))
 
 
 ADAM = ("optimiser.name=adam", "optimiser.lr=1e-2", "optimiser.beta1=0.8",
@@ -333,7 +333,7 @@ def test_with_a_zero_hyper_step_every_algorithm_trains_like_random(algorithm, ru
                         f"network_weight_steps={tuned.cfg.network_weight_steps}",
                         f"hyperparameter_steps={tuned.cfg.hyperparameter_steps}")     # Baydin: 60 windows of 1
     tuned.run(), fixed.run()
-    assert tuned.steps_done == fixed.steps_done > 0
+    assert tuned.record.steps_done == fixed.record.steps_done > 0
     for a, b in zip(tuned.params, fixed.params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 

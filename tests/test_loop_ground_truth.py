@@ -96,7 +96,7 @@ def problem_of(learner: train.Learner) -> Problem:
     splits = learner.splits
     assert learner.cfg.batch_size is None and learner.cfg.tuning.validation_data == "validation"
     assert (len(splits.train), len(splits.validation)) == (318, 80)      # 398 rows, validation_proportion 0.2
-    for stream, split in ((learner.train_batches, splits.train), (learner.hyper_batches, splits.validation)):
+    for stream, split in ((learner.streams.train, splits.train), (learner.streams.hyper, splits.validation)):
         assert stream.full_batch
         batch = next(stream)
         assert batch.fraction == 1.0
@@ -250,9 +250,8 @@ def run_loop(algorithm: str, *overrides: str) -> LoopRun:
         graphs.append(not buffers or any(b.requires_grad or b.grad_fn is not None for b in buffers))
 
     learner.algorithm.hypergradient = recording
-    learner.after_window = check_state
-    assert learner.run()["status"] == "completed"
-    assert learner.steps_done == WINDOWS * STEPS and len(recorded) == WINDOWS
+    assert learner.run(after_window=check_state)["status"] == "completed"
+    assert learner.record.steps_done == WINDOWS * STEPS and len(recorded) == WINDOWS
     return LoopRun(learner, initial_weights, recorded, flat(learner.params).clone(),
                    by_name(learner, learner.hyperparameters.leaves()), graphs)
 

@@ -144,8 +144,7 @@ def test_a_clipped_lr_trajectory_is_a_raw_step_then_a_clip_into_the_log10_bounds
         return grads
 
     run.algorithm.hypergradient = recording
-    run.after_window = lambda done: raw_after.append(done.hyperparameters.raw["lr"].item())
-    final = run.run()["final"]
+    final = run.run(after_window=lambda done: raw_after.append(done.hyperparameters.raw["lr"].item()))["final"]
     low, high = math.log10(LR_BOUNDS[0]), math.log10(LR_BOUNDS[1])
     raw, clipped = math.log10(LR), 0
     for window, gradient in enumerate(hypergradients):
@@ -216,15 +215,15 @@ def test_the_hypergradient_batches_are_drawn_apart_from_the_training_batches():
     fresh, read = learner("Ours_LR", "diabetes", *overrides), learner("Ours_LR", "diabetes", *overrides)
     split, epoch = fresh.splits.train, math.ceil(318 / 32)
     assert len(split) == 318
-    training = torch.cat([row_indices(next(fresh.train_batches), split) for _ in range(epoch)])
+    training = torch.cat([row_indices(next(fresh.streams.train), split) for _ in range(epoch)])
     for _ in range(3 * epoch):
-        next(read.train_batches)
-    hyper = torch.cat([row_indices(next(fresh.hyper_batches), split) for _ in range(epoch)])
+        next(read.streams.train)
+    hyper = torch.cat([row_indices(next(fresh.streams.hyper), split) for _ in range(epoch)])
     assert torch.equal(hyper.sort().values, torch.arange(318))
     assert torch.equal(training.sort().values, torch.arange(318))
     assert not torch.equal(hyper, training)
     assert len(set(hyper[:32].tolist()) & set(training[:32].tolist())) < 16   # unrelated first batches
-    assert torch.equal(torch.cat([row_indices(next(read.hyper_batches), split) for _ in range(epoch)]), hyper)
+    assert torch.equal(torch.cat([row_indices(next(read.streams.hyper), split) for _ in range(epoch)]), hyper)
 
 
 CLIP = 0.01
@@ -251,7 +250,7 @@ def test_n_ranks_measure_and_clip_like_one_rank_with_uneven_shards(tmp_path):
     losses and accuracies. Catches each rank clipping its own shard's gradient before the sum,
     and accuracies averaged over ranks without weighting by shard size."""
     probe = learner("Random_TrainingSetOnly", "digits", "batch_size=5", "seed=5")
-    batch = next(probe.train_batches)
+    batch = next(probe.streams.train)
     loss = F.cross_entropy(probe.model(batch.inputs), batch.targets)
     norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, probe.params)]))
     assert float(norm) > 10 * CLIP and len(probe.splits.validation) % 3 != 0     # clipping and uneven shards

@@ -10,6 +10,7 @@ import torch
 
 import config
 import measure
+import progress
 import run_files
 import train
 import util
@@ -267,14 +268,14 @@ def test_runs_are_named_by_dataset_and_algorithm_and_compare_in_the_hparams_tab(
 
 
 def test_progress_is_a_line_every_few_seconds_when_not_on_a_terminal(capsys):
-    progress = util.Progress(total=100, initial=0, name="Ours_LR on diabetes", unit="step", every=0.0)
-    progress.update(10, lambda: "loss 0.5  lr 0.001")
-    progress.update(10, lambda: "loss 0.25  lr 0.002")
-    progress.close()
+    shown = progress.Progress(total=100, initial=0, name="Ours_LR on diabetes", unit="step", every=0.0)
+    shown.update(10, lambda: "loss 0.5  lr 0.001")
+    shown.update(10, lambda: "loss 0.25  lr 0.002")
+    shown.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
     assert lines[1].startswith("Ours_LR on diabetes: step 20/100  loss 0.25  lr 0.002") and "s to go" in lines[1]
-    quiet = util.Progress(total=100, initial=0, name="x", unit="step", every=0.0, enabled=False)
+    quiet = progress.Progress(total=100, initial=0, name="x", unit="step", every=0.0, enabled=False)
     quiet.update(10)
     assert capsys.readouterr().err == ""
 
@@ -282,9 +283,9 @@ def test_progress_is_a_line_every_few_seconds_when_not_on_a_terminal(capsys):
 def test_slow_progress_says_seconds_per_step_not_zero_steps_per_second(capsys, monkeypatch):
     """Was '0 steps/s' for a Penn Treebank window of minutes on a CPU."""
     clock = iter([0.0, 250.0])      # started, then 10 steps 250 s later
-    monkeypatch.setattr(util.time, "monotonic", lambda: next(clock))
-    progress = util.Progress(total=30, initial=0, name="Random on penn_treebank", unit="step", every=30.0)
-    progress.update(10)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    shown = progress.Progress(total=30, initial=0, name="Random on penn_treebank", unit="step", every=30.0)
+    shown.update(10)
     assert capsys.readouterr().err == "Random on penn_treebank: step 10/30  25 s/step  8 min to go\n"
 
 

@@ -97,7 +97,7 @@ def test_token_streams_are_columns_with_the_next_token_as_target(workload_data):
 def test_hidden_state_is_carried_detached_and_cleared_each_epoch(workload_data):
     cfg = workload_config("penn_treebank_small", "Random", workload_data, Path("unused"), "batch_size=500")
     learner = train.Learner(train.prepare(cfg))
-    stream, model = learner.train_batches, learner.model
+    stream, model = learner.streams.train, learner.model
     batches_per_epoch = math.ceil(len(learner.splits.train) / 500)
     first = next(stream)
     assert first.hidden is None and first.inputs.shape == (500, 40)
