@@ -144,7 +144,8 @@ class Learner:
         self.fast_hyperparameters = self.hyperparameters.natural_values()   # refreshed every window
         self.problem = Problem(self._loss_at, self._validation_loss_at, self.rule, cfg.optimiser.gradient_clip,
                                context, distributed.couples_ranks(self.model))
-        self.algorithm = algorithms.build(cfg, self.problem, self.hyperparameters, self.params, self.rule_state)
+        self.algorithm = algorithms.build(cfg.tuning, self.problem, self.hyperparameters, self.params, self.rule_state,
+                                          window_steps=cfg.network_weight_steps)
         self.steps_done = 0
         self.windows_done = 0
         self.logged_at: int | None = None      # a step whose measurement finish() has logged

@@ -176,7 +176,7 @@ def test_the_shipped_ours_configs_are_the_papers_settings():
         for dataset in PAPER_DATASETS:
             cfg = config.load_from([str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{name}.yaml")])
             where = f"{name} on {dataset}"
-            assert algorithms.ALGORITHMS[cfg.algorithm] is ImplicitHyperOptimiser, where
+            assert algorithms.METHODS[cfg.tuning.method] is ImplicitHyperOptimiser, where
             assert (cfg.tuning.rollback_distance, cfg.network_weight_steps) == (PAPER_TERMS, PAPER_T), where
             assert (cfg.tuning.optimiser, cfg.tuning.lr) == ("adam", 0.05), where
             assert tuple(cfg.optimiser.lr_bounds) == PAPER_BOUNDS, where
