@@ -7,7 +7,8 @@ A run is described by a frozen `Config` (nested dataclasses of schema.py). Value
 
 Dicts merge key by key; scalars and lists are replaced. Every problem (missing file, malformed
 YAML, unknown key, wrong type, value out of range, unknown name) raises `ConfigError` with one line
-naming where the bad value came from, before anything else happens.
+naming where the bad value came from, before anything else happens. Reading and merging the files
+(with where each key came from) is config_files.py.
 """
 from __future__ import annotations
 
