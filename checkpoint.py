@@ -19,6 +19,7 @@ import torch
 
 import config
 import distributed
+import run_files
 import schema
 import util
 from schema import Config, ConfigError
@@ -194,10 +195,11 @@ def resume_run_dir(path: str, checkpoint: dict, cfg: Config) -> Path:
 
 
 def _below(path: str, root: Path, name: str) -> Path:
-    root = root.resolve()
-    candidate = (root / name).resolve()
-    if candidate == root or not candidate.is_relative_to(root):
-        raise ConfigError(f"-s {path}: its run directory '{name}' lies outside the log root {root}; "
+    """The run directory `name` below `root`, where a checkpoint may name one: never elsewhere, not
+    even through a link."""
+    candidate = run_files.below(root, name, follow_links=True)
+    if candidate is None:
+        raise ConfigError(f"-s {path}: its run directory '{name}' lies outside the log root {root.resolve()}; "
                           f"re-create the checkpoint with -S FILE")
     return candidate
 

@@ -142,9 +142,9 @@ CALIBRATION_SECONDS = 0.5                 # timed per kind of run, after a warm-
 def calibration_key(cfg: config.Config) -> str:
     """What sets a run's pace per weight step: dataset, algorithm, T, and the i or R it uses."""
     import algorithms
-    kind = algorithms.ALGORITHMS[cfg.algorithm]
     tuning = cfg.tuning
-    detail = "" if not kind.optimises else f"/i={tuning.rollback_distance}/R={tuning.unroll_steps}"
+    optimises = algorithms.METHODS[tuning.method].optimises
+    detail = "" if not optimises else f"/i={tuning.rollback_distance}/R={tuning.unroll_steps}"
     return f"{cfg.dataset.name}/{cfg.algorithm}/T={cfg.network_weight_steps}{detail}"
 
 

@@ -49,11 +49,21 @@ def make_run_dir(log_root: str, group: str, name: str | None) -> Path:
 def _refuse_escape(log_root: str, group: str, name: str | None) -> None:
     """Behind the config's own check of the names: a group that leads out of log_root (absolute, or
     through '..') or a name that is more than one folder name would write elsewhere."""
-    root, folder = os.path.abspath(log_root), os.path.abspath(Path(log_root) / group)
-    if os.path.commonpath([root, folder]) != root:
+    first = below(Path(log_root), os.path.join(group, "stamp"))      # (the group may be log_root itself)
+    if first is None:
         raise ConfigError(f"run group {short_repr(group)} leads out of log_root {log_root}")
-    if os.path.dirname(os.path.abspath(Path(folder) / f"stamp-{name or ''}")) != folder:
+    stamped = below(Path(log_root), os.path.join(group, f"stamp-{name or ''}"))
+    if stamped is None or stamped.parent != first.parent:
         raise ConfigError(f"run_name {short_repr(name)} is not a name: it would make a path")
+
+
+def below(root: Path, relative: str, follow_links: bool = False) -> Path | None:
+    """`root / relative` as an absolute path if it lies below `root` (not `root` itself), else None:
+    absolute, through '..' or, with `follow_links`, through a link, it would lead elsewhere. The one
+    rule for every path a config or a checkpoint names below a folder."""
+    absolute = Path.resolve if follow_links else (lambda path: Path(os.path.abspath(path)))
+    root, path = absolute(root), absolute(root / relative)
+    return path if path != root and path.is_relative_to(root) else None
 
 
 LOCK_NAME = ".lock"

@@ -1,7 +1,7 @@
 """The configuration schema: what a run's `Config` holds, each key's documentation, default and
 valid range, and `ConfigError`. The bottom layer of the project: it imports none of its modules.
 
-Names that must be registered somewhere (datasets, models, algorithms, ...) are declared here by the
+Names that must be registered somewhere (datasets, models, algorithm families, ...) are declared here by the
 registry they belong to (`choices="datasets"`) and checked one layer up, by config.py, which reads
 YAML files and command lines into a validated Config.
 """
@@ -121,6 +121,10 @@ class OptimiserConfig:
 
 @dataclass(frozen=True)
 class TuningConfig:
+    method: str = option(
+        "fixed", "the family of algorithm that tunes the hyperparameters: fixed keeps them (Random), implicit "
+                 "differentiates through the weight update (Ours, Lorraine), unrolled through the last R weight "
+                 "steps (Diff-through-Opt), baydin is the paper's hypergradient descent", choices="methods")
     hyperparameters: tuple[str, ...] = option(
         (), "hyperparameters to optimise (of optimiser.name's rule)", choices="hyperparameters")
     high_dimensional: tuple[str, ...] = option(
@@ -162,7 +166,9 @@ class Config:
     task: str = option("hyperparameter_optimisation", "what a run does: tune hyperparameters while "
                        "training, or learn a dataset by meta-learning (meta.*)",
                        choices=("hyperparameter_optimisation", "meta_dataset"))
-    algorithm: str = option("Random", "hyperparameter optimisation algorithm", choices="algorithms")
+    algorithm: str = option(
+        "Random", "the algorithm's name (what runs is tuning.method and its settings): it labels the run's "
+                  "folder <dataset>/<algorithm>, figures and tables. A name as run_group_name is", check=plain_name)
     dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata=dict(doc="the data"))
     model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="the network"))
     loss: str = option("mse", "training and evaluation loss", choices="losses")

@@ -129,7 +129,7 @@ class Record:
         if index % self.log_every == 0:
             self._log(index, scalars | self.hyperparameters)
         if index % self.T == 0 and index > 0:
-            self._log(index // self.T - 1, scalars | self.previous, "Last_")
+            self._log_last(index // self.T - 1, scalars | self.previous)
 
     def finish(self, scalars: dict[str, float], hyperparameters: dict[str, float], budget: int) -> dict:
         """Log the final measurement at the last step (and as the last window's Last_* tags), and
@@ -138,7 +138,7 @@ class Record:
             self.status = "completed"
         final = scalars | hyperparameters
         self._log(self.steps_done, final)
-        self._log((self.steps_done - 1) // self.T, scalars | self.hyperparameters, "Last_")
+        self._log_last((self.steps_done - 1) // self.T, scalars | self.hyperparameters)
         self.logged_at = self.steps_done
         return {"status": self.status, "weight_steps": self.steps_done,
                 "weight_step_budget": budget,     # what every algorithm compared trains for
@@ -150,9 +150,12 @@ class Record:
                            for tag, value in self.hyperparameters.items() if tag.startswith("Hyperparameter/"))
         return f"loss {loss:.4g}  {values}"
 
-    def _log(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
         if self.log is not None:
-            self.log.scalars(step, {prefix + tag: value for tag, value in scalars.items()})
+            self.log.scalars(step, scalars)
+
+    def _log_last(self, hyperparameter_step: int, scalars: dict[str, float]) -> None:
+        self._log(hyperparameter_step, {f"Last_{tag}": value for tag, value in scalars.items()})
 
 
 def _asked(stop_requested: Callable[[], object] | None) -> bool:
@@ -181,7 +184,8 @@ class Learner:
         loss_at = measure.loss_function(self.model, setup.loss_fn, self.params)
         self.problem = Problem(loss_at, measure.in_eval_mode(self.model, loss_at), self.rule,
                                cfg.optimiser.gradient_clip, context, distributed.couples_ranks(self.model))
-        self.algorithm = algorithms.build(cfg, self.problem, self.hyperparameters, self.params, self.rule_state)
+        self.algorithm = algorithms.build(cfg.tuning, self.problem, self.hyperparameters, self.params, self.rule_state,
+                                          window_steps=cfg.network_weight_steps)
         self.record = Record(log, cfg.network_weight_steps, cfg.log_every)
 
     def state_dict(self) -> dict:
@@ -286,8 +290,7 @@ class Learner:
         return last
 
     def _logged_step(self, index: int, take_step: Callable[[datasets.Batch], Step]) -> Step:
-        """Weight step `index`, measured and logged when due; held-out sets at its weights, before
-        its update."""
+        """Weight step `index`, measured when due (held-out sets at its weights, before its update)."""
         wanted = self.record.wants(index)
         held_out = self.meter.held_out() if index % self.cfg.log_every == 0 else {}
         step, batch = self.train_step(take_step)

@@ -1,9 +1,10 @@
-"""Hyperparameter optimisers, by the algorithm names used in configs/ and in the paper's figures.
+"""Hyperparameter optimisers: four families, chosen by a config's `tuning.method`.
 
-Names differ by configuration as well as by code: the four Random baselines share one class and
-differ in their YAML (validation split, full validation evaluation, lr multiplier); Ours_*,
-Lorraine and Baydin_Exact are settings of the implicit optimiser; Diff-through-Opt and its Long
-variants settings of the unrolled one. Baydin is the paper's hypergradient descent, its own class.
+A named algorithm (configs/<Name>.yaml; its `algorithm` key labels the run's folder, figures and
+tables) is one family with its settings, so a new variant is a YAML file: the four Random baselines
+are `fixed` and differ in their YAML (validation split, full validation evaluation, lr multiplier);
+Ours_*, Lorraine and Baydin_Exact are settings of `implicit`; Diff-through-Opt and its Long variants
+settings of `unrolled`. `baydin` is the paper's hypergradient descent, its own family.
 """
 from __future__ import annotations
 
@@ -17,27 +18,17 @@ from algorithms.unrolled import UnrolledHyperOptimiser
 if TYPE_CHECKING:
     from algorithms.hyperparameters import Hyperparameters
     from algorithms.steps import Problem, Weights
-    from schema import Config
+    from schema import TuningConfig
 
-ALGORITHMS: dict[str, type[HyperOptimiser]] = {
-    "Random": HyperOptimiser,
-    "Random_SteppedLR": HyperOptimiser,
-    "Random_Validation": HyperOptimiser,
-    "Random_TrainingSetOnly": HyperOptimiser,
-    "Lorraine": ImplicitHyperOptimiser,
-    "Baydin": BaydinHyperOptimiser,
-    "Baydin_Exact": ImplicitHyperOptimiser,
-    "Ours_LR": ImplicitHyperOptimiser,
-    "Ours_LR_Momentum": ImplicitHyperOptimiser,
-    "Ours_HDLR_Momentum": ImplicitHyperOptimiser,
-    "DiffThroughOpt": UnrolledHyperOptimiser,
-    "LongDiffThroughOpt_UCI_Standalone": UnrolledHyperOptimiser,
-    "LongDiffThroughOpt_UCI_Full": UnrolledHyperOptimiser,
-    "LongDiffThroughOpt_FashionMNIST_Standalone": UnrolledHyperOptimiser,
-    "LongDiffThroughOpt_FashionMNIST_Medium": UnrolledHyperOptimiser,
+METHODS: dict[str, type[HyperOptimiser]] = {
+    "fixed": HyperOptimiser,
+    "implicit": ImplicitHyperOptimiser,
+    "unrolled": UnrolledHyperOptimiser,
+    "baydin": BaydinHyperOptimiser,
 }
 
 
-def build(cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
-          rule_state: dict) -> HyperOptimiser:
-    return ALGORITHMS[cfg.algorithm](cfg, problem, hyperparameters, weights, rule_state)
+def build(tuning: TuningConfig, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+          rule_state: dict, *, window_steps: int) -> HyperOptimiser:
+    """The `tuning.method` optimiser of a run whose windows are `window_steps` (T) weight steps long."""
+    return METHODS[tuning.method](tuning, problem, hyperparameters, weights, rule_state, window_steps=window_steps)

@@ -5,8 +5,8 @@ place, no graph), then the last `tracked_steps` through the optimiser's `track` 
 rule state in, a `Step` out, on the autograd graph as the algorithm needs), starting from detached
 copies of the weights. `hyper_step` turns the last of those Steps and a batch of the
 hypergradient's data into new hyperparameters. The optimiser sees the run only through its
-`Problem` (algorithms/steps.py). This base class keeps the hyperparameters fixed: the Random
-baselines.
+`Problem` (algorithms/steps.py). This base class keeps the hyperparameters fixed
+(`tuning.method: fixed`, the Random baselines).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from algorithms.weight_update import RULES
 
 if TYPE_CHECKING:
     from datasets import Batch
-    from schema import Config
+    from schema import TuningConfig
 
 
 class HyperOptimiser:
@@ -29,13 +29,14 @@ class HyperOptimiser:
     tracked_steps = 0
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """Raise ConfigError for settings this algorithm cannot honour (before anything runs)."""
+    def check_config(cls, tuning: TuningConfig, *, name: str, window_steps: int) -> None:
+        """Raise ConfigError for settings this family cannot honour (before anything runs); `name`
+        is the algorithm's, for the message, and `window_steps` its T."""
 
-    def __init__(self, cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
-                 rule_state: dict):
-        """`weights` and `rule_state`: where training starts (read, not kept, unless needed)."""
-        self.cfg = cfg
+    def __init__(self, tuning: TuningConfig, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+                 rule_state: dict, *, window_steps: int):
+        """`weights` and `rule_state`: where training starts (read, not kept, unless needed);
+        `window_steps`: T, the weight steps of each window."""
         self.problem = problem
         self.hyperparameters = hyperparameters
 
@@ -67,11 +68,11 @@ class GradientHyperOptimiser(HyperOptimiser):
 
     optimises = True
 
-    def __init__(self, cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
-                 rule_state: dict):
-        super().__init__(cfg, problem, hyperparameters, weights, rule_state)
-        self.rule = RULES[cfg.tuning.optimiser]
-        self.rule_hyperparameters = {"lr": cfg.tuning.lr, "weight_decay": 0.0, "momentum": 0.0,
+    def __init__(self, tuning: TuningConfig, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+                 rule_state: dict, *, window_steps: int):
+        super().__init__(tuning, problem, hyperparameters, weights, rule_state, window_steps=window_steps)
+        self.rule = RULES[tuning.optimiser]
+        self.rule_hyperparameters = {"lr": tuning.lr, "weight_decay": 0.0, "momentum": 0.0,
                                      "beta1": 0.9, "beta2": 0.999}
         self.rule_state = self.rule.init_state(self.hyperparameters.leaves())
 

@@ -1,4 +1,5 @@
-"""Hypergradient descent as Baydin et al. (2018) and the paper ran it (configs/Baydin.yaml).
+"""`tuning.method: baydin`: hypergradient descent as Baydin et al. (2018) and the paper ran it
+(configs/Baydin.yaml).
 
 After every weight step w_t = w_{t-1} - u(lr, w_{t-1}), the learning rate moves along
 
@@ -28,7 +29,7 @@ from schema import ConfigError
 
 if TYPE_CHECKING:
     from datasets import Batch
-    from schema import Config
+    from schema import TuningConfig
 
 
 class BaydinHyperOptimiser(GradientHyperOptimiser):
@@ -37,9 +38,9 @@ class BaydinHyperOptimiser(GradientHyperOptimiser):
     tracked_steps = 0
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        if tuple(cfg.tuning.hyperparameters) != ("lr",) or cfg.tuning.high_dimensional:
-            raise ConfigError(f"{cfg.algorithm} tunes one scalar learning rate: tuning.hyperparameters must be [lr] "
+    def check_config(cls, tuning: TuningConfig, *, name: str, window_steps: int) -> None:
+        if tuple(tuning.hyperparameters) != ("lr",) or tuning.high_dimensional:
+            raise ConfigError(f"{name} tunes one scalar learning rate: tuning.hyperparameters must be [lr] "
                               f"and tuning.high_dimensional empty")
 
     def hypergradient(self, last: Step, batch: Batch) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Implicit differentiation through the weight update (Ours, Lorraine; Baydin_Exact as its i = 1 case).
+"""`tuning.method: implicit`: implicit differentiation through the weight update (Ours, Lorraine;
+Baydin_Exact as its i = 1 case).
 
 Near a fixed point of the update w_t = w_{t-1} - u(lambda, w_{t-1}), the implicit function theorem
 gives dw*/dlambda = -(du/dw)^{-1} du/dlambda. Truncating the Neumann series of the inverse after i
@@ -25,16 +26,16 @@ from algorithms.steps import Problem, Step, Weights, loss_gradient, neumann_hype
 
 if TYPE_CHECKING:
     from datasets import Batch
-    from schema import Config
+    from schema import TuningConfig
 
 
 class ImplicitHyperOptimiser(GradientHyperOptimiser):
     tracked_steps = 1
 
-    def __init__(self, cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
-                 rule_state: dict):
-        super().__init__(cfg, problem, hyperparameters, weights, rule_state)
-        self.rollback_distance = cfg.tuning.rollback_distance
+    def __init__(self, tuning: TuningConfig, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+                 rule_state: dict, *, window_steps: int):
+        super().__init__(tuning, problem, hyperparameters, weights, rule_state, window_steps=window_steps)
+        self.rollback_distance = tuning.rollback_distance
 
     def track(self, weights: Weights, rule_state: dict, batch: Batch) -> Step:
         # Ranks coupled in the forward pass (synchronised BatchNorm) need exact adjoints, with each

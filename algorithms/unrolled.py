@@ -1,4 +1,5 @@
-"""Differentiation through unrolled optimisation (Domke 2012): Diff-through-Opt and its Long variants.
+"""`tuning.method: unrolled`: differentiation through unrolled optimisation (Domke 2012),
+Diff-through-Opt and its Long variants.
 
 The last R weight steps of each window are unrolled functionally: from a detached copy of the
 weights, each is `algorithms.steps.weight_step` with create_graph, through the weight-update
@@ -24,26 +25,25 @@ from schema import ConfigError
 
 if TYPE_CHECKING:
     from datasets import Batch
-    from schema import Config
+    from schema import TuningConfig
 
 
 class UnrolledHyperOptimiser(GradientHyperOptimiser):
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        steps = cfg.tuning.unroll_steps
-        if steps is not None and steps > cfg.network_weight_steps:
-            raise ConfigError(f"tuning.unroll_steps = {steps} exceeds network_weight_steps = "
-                              f"{cfg.network_weight_steps}")
-        if cfg.tuning.high_dimensional:
-            raise ConfigError(f"{cfg.algorithm} tunes scalar hyperparameters only: tuning.high_dimensional "
+    def check_config(cls, tuning: TuningConfig, *, name: str, window_steps: int) -> None:
+        steps = tuning.unroll_steps
+        if steps is not None and steps > window_steps:
+            raise ConfigError(f"tuning.unroll_steps = {steps} exceeds network_weight_steps = {window_steps}")
+        if tuning.high_dimensional:
+            raise ConfigError(f"{name} tunes scalar hyperparameters only: tuning.high_dimensional "
                               f"must be empty")
 
-    def __init__(self, cfg: Config, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
-                 rule_state: dict):
-        super().__init__(cfg, problem, hyperparameters, weights, rule_state)
-        self.tracked_steps = cfg.tuning.unroll_steps or cfg.network_weight_steps
-        self.reset_weights = cfg.tuning.reset_weights
+    def __init__(self, tuning: TuningConfig, problem: Problem, hyperparameters: Hyperparameters, weights: Weights,
+                 rule_state: dict, *, window_steps: int):
+        super().__init__(tuning, problem, hyperparameters, weights, rule_state, window_steps=window_steps)
+        self.tracked_steps = tuning.unroll_steps or window_steps
+        self.reset_weights = tuning.reset_weights
         self._initial = ([w.detach().clone() for w in weights], copy.deepcopy(rule_state))
         self._natural: dict | None = None      # the window's hyperparameters, on the graph
 

@@ -661,8 +661,9 @@ def learner_for_run(algorithm: str, dtype: str, log_root: str, log: util.RunLog 
     learner = make_learner(name, dtype, log_root, log)
     if variant:
         assert variant in ("compiled_window", "compiled_window_cpp"), variant
-        plugged = CompiledWindowHyperOptimiser(learner.cfg, learner.problem, learner.hyperparameters, learner.params,
-                                               learner.rule_state)
+        plugged = CompiledWindowHyperOptimiser(learner.cfg.tuning, learner.problem, learner.hyperparameters,
+                                               learner.params, learner.rule_state,
+                                               window_steps=learner.cfg.network_weight_steps)
         plugged.cpp_wrapper = variant == "compiled_window_cpp"
         plugged.learner = learner
         learner.hyper_batches = Peekable(learner.hyper_batches)

@@ -77,8 +77,8 @@ MUTATIONS = (
                "            self._tracked_steps(h * T + T - tracked - 1, tracked)\n"
                "        return self._logged_step(h * T + T - 1, self.fast_step)\n"))),
     Mutation("unrolled_r_minus_1", "R - 1 unrolled steps instead of R", "algorithms/unrolled.py",
-             (("self.tracked_steps = cfg.tuning.unroll_steps or cfg.network_weight_steps",
-               "self.tracked_steps = (cfg.tuning.unroll_steps or cfg.network_weight_steps) - 1"),)),
+             (("self.tracked_steps = tuning.unroll_steps or window_steps",
+               "self.tracked_steps = (tuning.unroll_steps or window_steps) - 1"),)),
     Mutation("long_no_restart", "Long Diff-through-Opt's windows not restarted from the initial weights and state",
              "algorithms/unrolled.py",
              (("        if not (self.reset_weights and window > 0):", "        if True:"),),

@@ -69,7 +69,11 @@ BAD_INPUTS = {
     "unknown dataset": ("dataset:\n  name: mnist2\n", [], ["dataset.name", "'mnist2'", "uci_energy", "diabetes"]),
     "unknown model": ("model:\n  name: transformer\n", [], ["model.name", "'transformer'",
                                                           "valid: lstm, mlp, resnet18"]),
-    "unknown algorithm": ("algorithm: Ours\n", [], ["algorithm", "'Ours'", "Random_SteppedLR"]),
+    "unknown method": ("tuning:\n  method: ours\n", [], ["tuning.method", "'ours'",
+                                                         "valid: baydin, fixed, implicit, unrolled"]),
+    "algorithm name a path": ("algorithm: ../Ours\n", [], ["bad.yaml: algorithm = '../Ours'", "a name, not a path"]),
+    "tuning without a method that tunes": ("algorithm: Mine\ntuning:\n  hyperparameters: [lr]\n", [],
+                                           ["algorithm Mine (tuning.method fixed) keeps its hyperparameters fixed"]),
     "section not a mapping": ("model: mlp\n", [], ["'model' must be a mapping"]),
     "layer sizes do not fit the data": ("model:\n  layer_sizes: [8, 50, 1]\n", [],
                                         ["model.layer_sizes = [8, 50, 1]", "10 inputs"]),
@@ -159,6 +163,15 @@ def test_every_shipped_config_combination_validates_and_builds(dataset, data_dir
     test = setup.splits.test
     batch = datasets.Batch(test.inputs[:2], test.targets[:2], 1.0, None, datasets.Carry() if test.sequential else None)
     assert len(measure.forward(setup.model, batch)) == test.targets[:2].numel()   # one output row per target
+
+
+def test_a_new_variant_is_a_yaml_file_naming_its_method(tmp_path):
+    """Catches an algorithm chosen by its name instead of tuning.method (a new name would be refused)."""
+    variant = write(tmp_path, "Ours_LR_i2.yaml", "extends: " + str(REPO / "configs/Ours_LR.yaml")
+                    + "\nalgorithm: Ours_LR_i2\ntuning:\n  rollback_distance: 2\n")
+    cfg = config.load_from([str(REPO / "configs/diabetes.yaml"), variant])
+    assert (cfg.algorithm, cfg.tuning.method, cfg.tuning.rollback_distance) == ("Ours_LR_i2", "implicit", 2)
+    assert cfg.run_group == "diabetes/Ours_LR_i2"
 
 
 def test_meta_dataset_config_validates():

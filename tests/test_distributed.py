@@ -135,7 +135,7 @@ def finish(self, *args):
 
 
 train.Learner.train_step, train.Learner.finish = weight_step, finish
-for cls in {cls for cls in algorithms.ALGORITHMS.values() if "hypergradient" in vars(cls)}:
+for cls in {cls for cls in algorithms.METHODS.values() if "hypergradient" in vars(cls)}:
     cls.hypergradient = checked(cls.hypergradient)
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))

@@ -61,7 +61,8 @@ def batch_norm_run() -> BatchNormRun:
     to the eval-mode loss by hand at the same weights and running statistics."""
     run = learner("Ours_LR_Momentum", "diabetes", *DIABETES, "model.batch_norm=true", "batch_size=32",
                   "hyperparameter_steps=5")
-    names, model, recorded = run.names, run.model, []
+    model, recorded = run.model, []
+    names = [name for name, _ in model.named_parameters()]
     problem = run.algorithm.problem
 
     def validation_loss(weights: list[torch.Tensor], batch: datasets.Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,7 @@ def batch_norm_run() -> BatchNormRun:
     run.algorithm.problem = dataclasses.replace(problem, validation_loss=validation_loss)
     initial_state = {name: value.clone() for name, value in model.state_dict().items()}
     logged: list[tuple[int, dict[str, float]]] = []
-    run._log = lambda step, scalars: logged.append((step, scalars))
+    run.record._log = lambda step, scalars: logged.append((step, scalars))
     metrics = run.run()
     assert metrics["status"] == "completed" and len(recorded) == 5 and logged[0][0] == 0
     return BatchNormRun(run, metrics["final"], recorded, initial_state, logged[0][1])
@@ -175,7 +176,7 @@ def test_the_shipped_ours_configs_are_the_papers_settings():
         for dataset in PAPER_DATASETS:
             cfg = config.load_from([str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{name}.yaml")])
             where = f"{name} on {dataset}"
-            assert algorithms.ALGORITHMS[cfg.algorithm] is ImplicitHyperOptimiser, where
+            assert algorithms.METHODS[cfg.tuning.method] is ImplicitHyperOptimiser, where
             assert (cfg.tuning.rollback_distance, cfg.network_weight_steps) == (PAPER_TERMS, PAPER_T), where
             assert (cfg.tuning.optimiser, cfg.tuning.lr) == ("adam", 0.05), where
             assert tuple(cfg.optimiser.lr_bounds) == PAPER_BOUNDS, where
