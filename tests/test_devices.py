@@ -95,7 +95,7 @@ def test_a_spawned_rank_joins_nccl_on_its_own_gpu(monkeypatch):
     """Bug: the launcher's ranks hard-wired to gloo, or all set to GPU 0 (NCCL then fails or hangs)."""
     joined, current = {}, []
     monkeypatch.setattr(distributed.dist, "TCPStore", lambda *args, **kwargs: "store")
-    monkeypatch.setattr(distributed, "_init_process_group", lambda backend, **options: joined.update(
+    monkeypatch.setattr(distributed, "init_process_group", lambda backend, **options: joined.update(
         backend=backend, **options))
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setattr(distributed.util, "share_cores", lambda world_size: None)
