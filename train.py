@@ -179,7 +179,7 @@ class Learner:
         self.params = list(self.model.parameters())
         self.rule = RULES[cfg.optimiser.name]
         self.rule_state = self.rule.init_state(self.params)
-        self.hyperparameters = Hyperparameters(cfg, self.rule.hyperparameters, self.params)
+        self.hyperparameters = Hyperparameters(cfg.optimiser, cfg.tuning, self.rule.hyperparameters, self.params)
         self.fast_hyperparameters = self.hyperparameters.natural_values()   # refreshed every window
         loss_at = measure.loss_function(self.model, setup.loss_fn, self.params)
         self.problem = Problem(loss_at, measure.in_eval_mode(self.model, loss_at), self.rule,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from schema import Config
+    from schema import OptimiserConfig, TuningConfig
 
 # name -> (natural -> raw, raw -> natural), on tensors.
 _LOG10 = (torch.log10, lambda raw: torch.pow(10.0, raw))
@@ -41,17 +41,20 @@ def tag(name: str) -> str:
 class Hyperparameters:
     """The hyperparameters of one weight-update rule, as raw leaves (optimised) or constants."""
 
-    def __init__(self, cfg: Config, names: tuple[str, ...], params: list[torch.Tensor]):
+    def __init__(self, optimiser: OptimiserConfig, tuning: TuningConfig, names: tuple[str, ...],
+                 params: list[torch.Tensor]):
+        """`names`: the rule's hyperparameters, starting at `optimiser`'s values; those `tuning`
+        optimises are raw leaves (per element where it says so), the others constants."""
         self.names = names
-        self.optimised = tuple(n for n in names if n in cfg.tuning.hyperparameters)
-        self.high_dimensional = tuple(cfg.tuning.high_dimensional)
-        self.lr_multiplier = cfg.optimiser.lr_multiplier
-        self.lr_bounds = cfg.optimiser.lr_bounds
+        self.optimised = tuple(n for n in names if n in tuning.hyperparameters)
+        self.high_dimensional = tuple(tuning.high_dimensional)
+        self.lr_multiplier = optimiser.lr_multiplier
+        self.lr_bounds = optimiser.lr_bounds
         like = params[0]
-        self.constants = {n: float(getattr(cfg.optimiser, n)) for n in names if n not in self.optimised}
+        self.constants = {n: float(getattr(optimiser, n)) for n in names if n not in self.optimised}
         self.raw: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         for name in self.optimised:
-            raw = to_raw(name, torch.tensor(float(getattr(cfg.optimiser, name)), dtype=like.dtype,
+            raw = to_raw(name, torch.tensor(float(getattr(optimiser, name)), dtype=like.dtype,
                                             device=like.device))
             self.raw[name] = ([torch.full_like(p, raw.item()).requires_grad_() for p in params]
                               if name in self.high_dimensional else raw.requires_grad_())
