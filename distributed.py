@@ -54,9 +54,6 @@ class Context:
 
 SINGLE = Context()
 
-# Every all-reduce goes through `all_reduce_`, which counts them (for bench/bench_distributed.py).
-traffic = {"all_reduces": 0, "bytes": 0}
-
 
 def from_environment(device: str = "cpu") -> Context:
     """The context torchrun (or our own launcher, or a user by hand) describes in RANK / WORLD_SIZE,
@@ -284,8 +281,6 @@ def all_reduce_(tensors: list[torch.Tensor], context: Context) -> list[torch.Ten
     if context.active and tensors:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
-        traffic["all_reduces"] += 1
-        traffic["bytes"] += flat.numel() * flat.element_size()
         torch._foreach_copy_(tensors, [chunk.view_as(t) for chunk, t in
                                        zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)])
     return tensors

@@ -64,6 +64,7 @@ FROM_ARGUMENTS = {"model": "model", "loss": "loss", "task": "task", "algorithm":
 STARTING_VALUES = {"optimiser": {"lr": 1.0e-3, "weight_decay": 1.0e-6, "momentum": 0.5}}
 
 Data = tuple[Any, Any] | datasets.Split | Sequence[tuple[Any, Any]]
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # (outputs, targets) -> mean loss
 
 
 @dataclass
@@ -211,7 +212,7 @@ def make_splits(train_data: Data, validation: Data | None, test: Data | None, ta
                            input_shape=row_shape, num_outputs=num_outputs)
 
 
-def tune(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str,
+def tune(model: nn.Module, loss: LossFunction | str,
          train_data: Data, validation: Data | None = None, algorithm: str = "Ours_LR_Momentum", *,
          test: Data | None = None, task: str | None = None,
          callback: Callable[[Window], bool | None] | None = None,
@@ -239,23 +240,8 @@ def tune(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
     Bad inputs raise ConfigError (a ValueError) with a one-line message, before training starts.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    parameters = list(model.parameters())
-    if not parameters:
-        raise ConfigError("model: it has no parameters to train")
-    if isinstance(loss, str):
-        if loss not in models.LOSSES:
-            raise ConfigError(f"loss {short_repr(loss)} is unknown; valid: {', '.join(models.LOSSES)}, or a callable")
-        loss_fn = models.build_loss(loss)
-    elif callable(loss):
-        loss_fn = loss
-    else:
-        raise ConfigError(f"loss: expected a callable loss(outputs, targets) -> tensor, or 'mse' or "
-                          f"'cross_entropy', got {type(loss).__name__}")
-    if callback is not None and not callable(callback):
-        raise ConfigError(f"callback: expected a callable, got {type(callback).__name__}")
-    if "dtype" not in settings and parameters[0].dtype == torch.float64:
+    loss_fn = _checked_arguments(model, loss, callback)
+    if "dtype" not in settings and next(model.parameters()).dtype == torch.float64:
         settings["dtype"] = "float64"
     train_split, validation_split = as_split(train_data, "train"), as_split(validation, "validation")
     cfg = make_config(algorithm, settings, len(validation_split) if validation_split is not None else 0,
@@ -281,6 +267,28 @@ def tune(model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Te
         return _run(train.Setup(cfg, device, splits, model, loss_fn), callback, log_dir is not None, test is not None)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _checked_arguments(model: nn.Module, loss: LossFunction | str,
+                       callback: Callable[[Window], bool | None] | None) -> LossFunction:
+    """`tune`'s model, loss and callback checked before any work (a ConfigError names the bad one);
+    returns the loss function, a loss's name resolved."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not list(model.parameters()):
+        raise ConfigError("model: it has no parameters to train")
+    if isinstance(loss, str):
+        if loss not in models.LOSSES:
+            raise ConfigError(f"loss {short_repr(loss)} is unknown; valid: {', '.join(models.LOSSES)}, or a callable")
+        loss_fn = models.build_loss(loss)
+    elif callable(loss):
+        loss_fn = loss
+    else:
+        raise ConfigError(f"loss: expected a callable loss(outputs, targets) -> tensor, or 'mse' or "
+                          f"'cross_entropy', got {type(loss).__name__}")
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"callback: expected a callable, got {type(callback).__name__}")
+    return loss_fn
 
 
 def _run(setup: train.Setup, callback: Callable[[Window], bool | None] | None, logged: bool,

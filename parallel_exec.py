@@ -33,17 +33,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 import config
 import results_table
+import run_files
 import util
 from config import ConfigError
-
-if TYPE_CHECKING:
-    import train
+from progress import Progress
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 FINISHED = ("completed", "diverged")
@@ -170,7 +168,7 @@ def start_afresh(run_dir: Path) -> bool:
     """Clear an unfinished or failed earlier attempt at a run, to run it again; False, and nothing
     removed, when another process holds the directory (the run is in progress there)."""
     if run_dir.exists():
-        if util.held_elsewhere(run_dir):
+        if run_files.held_elsewhere(run_dir):
             return False
         shutil.rmtree(run_dir)
     return True
@@ -185,7 +183,7 @@ def run_job(job: Job, root: Path) -> tuple[str, str]:
     try:
         _, metrics = train.train(job.config(root), run_dir=run_dir, show_progress=False)
         return metrics["status"], str(run_dir)
-    except util.RunDirInUse:        # another batch started it a moment ago: its run, not a failure here
+    except run_files.RunDirInUse:        # another batch started it a moment ago: its run, not a failure here
         return RUNNING_ELSEWHERE, str(run_dir)
     except Exception as error:      # recorded, and the batch goes on
         return record_failure(job, root, f"{type(error).__name__}: {error}", traceback.format_exc())
@@ -307,7 +305,7 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
     todo, done = pending(jobs, root)
     counts = Counter(skipped=done)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    progress = util.Progress(len(jobs), done, name, "run", enabled=show_progress)
+    progress = Progress(len(jobs), done, name, "run", enabled=show_progress)
     running: dict[concurrent.futures.Future, Job] = {}
     progress.status = lambda: tally(counts, len(running))
 
@@ -353,7 +351,7 @@ def run_batch(jobs: list[Job], root: Path, workers: int | None = None, show_prog
 
 
 # -------------------------------------------------------------------------------------------------
-# Ray: a cluster for plain batches, and Ray Tune's ASHA and population-based training
+# Ray: a cluster for plain batches (Ray Tune's ASHA and population-based training: ray_tune.py)
 
 REPO = Path(__file__).resolve().parent
 RAY_INSTALL = "install it with `make ray` (or `pip install -e '.[ray]'`)"
@@ -391,7 +389,7 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     todo, done = pending(jobs, root)
     counts = Counter(skipped=done)
     remote_job = ray.remote(num_cpus=1)(run_job)
-    progress = util.Progress(len(jobs), done, "batch on Ray", "run", enabled=show_progress)
+    progress = Progress(len(jobs), done, "batch on Ray", "run", enabled=show_progress)
     running = []
     progress.status = lambda: tally(counts, len(running))
     for job in todo:
@@ -405,127 +403,6 @@ def run_batch_on_ray(jobs: list[Job], root: Path, address: str = "auto", show_pr
     progress.close()
     counts["not run"] = len(jobs) - sum(counts.values())
     return counts
-
-
-SEARCH_RANGES = {"lr": tuple(10**end for end in LOG10_LR), "weight_decay": tuple(10**end for end in LOG10_WEIGHT_DECAY),
-                 "momentum": MOMENTUM}
-
-
-def search_space() -> dict:
-    tune = import_ray("Ray Tune's search", "ray.tune")
-    return {"lr": tune.loguniform(*SEARCH_RANGES["lr"]),
-            "weight_decay": tune.loguniform(*SEARCH_RANGES["weight_decay"]),
-            "momentum": tune.uniform(*SEARCH_RANGES["momentum"])}
-
-
-class TuneReporter:
-    """A trial's log: TensorBoard as usual, plus one `tune.report` of the validation and test loss
-    per weight step (its per-step measurement), carrying the latest checkpoint when there is one."""
-
-    def __init__(self, log: object):
-        self.log = log
-        self.checkpoint: Path | None = None
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        tune = import_ray("a Ray Tune trial", "ray.tune")
-        self.log.scalars(step, values)
-        if "Loss/Validation" in values:
-            metrics = {name: value if np.isfinite(value) else float("inf") for name, value in
-                       (("validation_loss", values["Loss/Validation"]), ("test_loss", values["Loss/Test"]))}
-            checkpoint = tune.Checkpoint.from_directory(str(self.checkpoint)) if self.checkpoint else None
-            tune.report(metrics | {"weight_step": step}, checkpoint=checkpoint)
-            self.checkpoint = None
-
-    def histogram(self, step: int, tag: str, values: object) -> None:
-        self.log.histogram(step, tag, values)
-
-    def flush(self) -> None:
-        self.log.flush()
-
-    def position(self) -> dict:
-        return self.log.position()
-
-    def close(self) -> None:
-        self.log.close()
-
-
-def continue_from(learner: train.Learner, state: dict) -> None:
-    """A PBT trial's start from another trial's checkpoint `state`: that complete state, with the
-    hyperparameters moved by the change of the starting values (the state's config to the
-    learner's), in the log10/logit space they are tuned in."""
-    learner.load_state_dict(state)
-    learner.hyperparameters.shift_({name: state["config"]["optimiser"][name] for name in SEARCH_RANGES},
-                                   {name: getattr(learner.cfg.optimiser, name) for name in SEARCH_RANGES})
-
-
-def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], checkpoint_interval: int) -> None:
-    """One Ray Tune trial: a run of `files` from the trial's hyperparameters, logging every weight
-    step, checkpointed (the framework's complete state) every `checkpoint_interval` steps. A trial
-    started from another's checkpoint (PBT) continues that state, its hyperparameters moved by the
-    perturbation of the starting values."""
-    import tempfile
-
-    import torch
-
-    import train
-    tune = import_ray("a Ray Tune trial", "ray.tune")
-    values = {f"optimiser.{name}": trial[name] for name in SEARCH_RANGES} | {"seed": trial["seed"]}
-    cfg = config.load_from(list(files), overrides=[f"{key}={value!r}" for key, value in values.items()]
-                           + [*extra, "log_every=1"])
-    learner = train.Learner(train.prepare(cfg))
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", weights_only=True)
-        continue_from(learner, state)
-    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    util.write_json(run_dir / "config.json", config.to_dict(cfg))    # after a PBT exploit: the new values
-    if restored is not None:       # a record of what this trial continued from
-        util.write_json(run_dir / f"restored_at_step_{learner.steps_done}.json",
-                        {"from_config": state["config"], "hyperparameters_after": learner.hyperparameters.log_values()})
-    reporter = learner.log = TuneReporter(util.RunLog(run_dir))
-
-    def checkpoint(learner: train.Learner) -> None:
-        if learner.steps_done % checkpoint_interval == 0:
-            reporter.checkpoint = Path(tempfile.mkdtemp(prefix="checkpoint-"))
-            train.save_checkpoint(str(reporter.checkpoint / "state.pt"), learner, run_dir, learner.context)
-    learner.after_window = checkpoint
-    try:
-        metrics = learner.run()
-    finally:
-        reporter.close()
-    train.close_run(run_dir, reporter, metrics, cfg, learner.context)
-
-
-def tune_search(scheduler_name: str, dataset: str, algorithm: str, samples: int, root: Path, steps: int = 4000,
-                perturbation_interval: int = 100, extra: tuple[str, ...] = (), address: str = "auto",
-                seed: int = 0) -> object:
-    """The paper's ASHA or PBT search: `samples` trials of `algorithm` on `dataset`, minimising the
-    validation loss reported every weight step, for at most `steps` weight steps each."""
-    tune = import_ray(scheduler_name.upper(), "ray.tune")
-    schedulers = import_ray(scheduler_name.upper(), "ray.tune.schedulers")
-    connect_to_ray(address)
-    files = (str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{algorithm}.yaml"))
-    if scheduler_name == "asha":
-        scheduler = schedulers.ASHAScheduler(time_attr="training_iteration", max_t=steps)
-    else:
-        def explore(trial: dict) -> dict:     # resampling may not reach momentum 1
-            return trial | {"momentum": min(trial["momentum"], 1 - 1e-6)}
-        scheduler = schedulers.PopulationBasedTraining(
-            time_attr="training_iteration", perturbation_interval=perturbation_interval,
-            hyperparam_mutations=search_space(), custom_explore_fn=explore)
-    rng = np.random.default_rng(seed)
-    space = search_space() | {"seed": tune.sample_from(lambda _: int(rng.integers(2**31)))}
-    trainable = tune.with_parameters(tune_trial, files=files, extra=tuple(extra),
-                                     checkpoint_interval=perturbation_interval)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}), param_space=space,
-        tune_config=tune.TuneConfig(metric="validation_loss", mode="min", num_samples=samples, scheduler=scheduler),
-        run_config=tune.RunConfig(name=f"{scheduler_name}_{dataset}_{algorithm}",
-                                  storage_path=str(Path(root).resolve()), stop={"training_iteration": steps},
-                                  verbose=0))
-    return tuner.fit()
 
 
 def summary(counts: Counter, root: Path) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import config
 import parallel_exec
 import progress
+import ray_tune
 import results_table
 import util
 from config import ConfigError
@@ -378,8 +379,8 @@ def run_tune(name: str, experiment: Experiment, args: argparse.Namespace) -> Non
     samples = min(args.reps or experiment.repetitions, experiment.repetitions)
     for dataset in experiment.datasets:
         for algorithm in experiment.algorithms:
-            results = parallel_exec.tune_search(experiment.runner, dataset, algorithm, samples, args.results / name,
-                                                extra=tuple(args.overrides), seed=args.seed)
+            results = ray_tune.tune_search(experiment.runner, dataset, algorithm, samples, args.results / name,
+                                           extra=tuple(args.overrides), seed=args.seed)
             best = results.get_best_result()
             print(f"{name} {dataset} {algorithm}: {len(results)} trials; best validation loss "
                   f"{best.metrics['validation_loss']:.4g} (test {best.metrics['test_loss']:.4g})")

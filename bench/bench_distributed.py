@@ -4,17 +4,20 @@
 
 Random and Ours_LR_Momentum on a Fashion-MNIST-sized MLP (784-50-10, global batch 50, synthetic
 data of that shape), 100 windows of T = 10 steps, run by 1 and by 2 gloo processes started like
-`train.py --nproc`. Reports wall seconds per weight step (median over repeats) and, counted in
-`distributed.all_reduce_`, the all-reduces and bytes per weight step and per window.
+`train.py --nproc`. Reports wall seconds per weight step (median over repeats) and the all-reduces
+and bytes per window, counted by wrapping `distributed.all_reduce_`, through which every all-reduce
+goes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,18 +33,39 @@ import train  # noqa: E402
 WINDOWS = 100
 
 
+@contextlib.contextmanager
+def counted_traffic() -> Iterator[dict[str, int]]:
+    """Count this process's all-reduces and their bytes while the block runs, by wrapping
+    `distributed.all_reduce_` (callers look it up at each call, so they all reach the wrapper)."""
+    traffic = {"all_reduces": 0, "bytes": 0}
+    all_reduce_ = distributed.all_reduce_
+
+    def counting(tensors: list[torch.Tensor], context: distributed.Context) -> list[torch.Tensor]:
+        if context.active and tensors:      # what all_reduce_ sends: one flat message
+            traffic["all_reduces"] += 1
+            traffic["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
+        return all_reduce_(tensors, context)
+
+    distributed.all_reduce_ = counting
+    try:
+        yield traffic
+    finally:
+        distributed.all_reduce_ = all_reduce_
+
+
 def _rank(rank: int, world_size: int, port: int, algorithm: str, results: dict) -> None:
-    context = distributed.join_local_group(rank, world_size, port)
+    # one process has no group to join (and no launcher's store to meet at)
+    context = distributed.join_local_group(rank, world_size, port) if world_size > 1 else distributed.SINGLE
     try:
         with tempfile.TemporaryDirectory() as log_root:
             setup = fashion_mnist_sized_setup(algorithm, log_root)
             setup.cfg = train.config.build_config(train.config.to_dict(setup.cfg) | {"hyperparameter_steps": WINDOWS})
             learner = train.Learner(setup, context=context)
-            distributed.traffic.update(all_reduces=0, bytes=0)
-            start = time.perf_counter()
-            learner.run()
+            with counted_traffic() as traffic:
+                start = time.perf_counter()
+                learner.run()
             if context.is_rank0:
-                results[algorithm] = (time.perf_counter() - start, dict(distributed.traffic), learner.steps_done)
+                results[algorithm] = (time.perf_counter() - start, traffic, learner.steps_done)
         distributed.shutdown(finished=True)
         if context.active:
             distributed.exit_process(0)

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import binom
 
 import config
-import parallel_exec
+import ray_tune
 import results_table
 import run_files
 import train
@@ -146,7 +146,7 @@ def test_a_pbt_trial_continues_the_copied_state_moved_by_its_perturbation_in_log
     state = source.state_dict() | {"config": config.to_dict(source.cfg)}
     reached = source.hyperparameters.log_values()
     trial = learner(1.2e-3, 0.4)
-    parallel_exec.continue_from(trial, state)
+    ray_tune.continue_from(trial, state)
     moved = trial.hyperparameters.log_values()
     assert moved["Hyperparameter/Lr"] == pytest.approx(
         10 ** (math.log10(reached["Hyperparameter/Lr"]) + math.log10(1.2e-3) - math.log10(1e-3)), rel=1e-6)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import parallel_exec
+import ray_tune
 import run_all
 import run_files
 import util
@@ -232,14 +233,14 @@ def test_a_batch_runs_on_a_ray_cluster(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_asha_and_pbt_search_on_ray_tune(ray_cluster, tmp_path):
     extra = ("dataset.validation_proportion=0.2", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
-    asha = parallel_exec.tune_search("asha", "diabetes", "Ours_LR_Momentum", 4, tmp_path, steps=30,
-                                     extra=(*extra, "hyperparameter_steps=3"))
+    asha = ray_tune.tune_search("asha", "diabetes", "Ours_LR_Momentum", 4, tmp_path, steps=30,
+                                extra=(*extra, "hyperparameter_steps=3"))
     assert len(asha) == 4 and not any(result.error for result in asha)
     assert all(result.metrics["training_iteration"] <= 30 for result in asha)
     assert np.isfinite(asha.get_best_result().metrics["validation_loss"])
 
-    pbt = parallel_exec.tune_search("pbt", "diabetes", "Random_TrainingSetOnly", 4, tmp_path, steps=40,
-                                    perturbation_interval=10, extra=(*extra, "hyperparameter_steps=4"))
+    pbt = ray_tune.tune_search("pbt", "diabetes", "Random_TrainingSetOnly", 4, tmp_path, steps=40,
+                               perturbation_interval=10, extra=(*extra, "hyperparameter_steps=4"))
     assert len(pbt) == 4 and not any(result.error for result in pbt)
     assert all(result.metrics["training_iteration"] == 40 for result in pbt)
     restored = list((tmp_path / "pbt_diabetes_Random_TrainingSetOnly").rglob("restored_at_step_*.json"))
