@@ -22,6 +22,7 @@ import distributed
 import run_files
 import schema
 import util
+from algorithms.weight_update import RULES
 from schema import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -43,6 +44,15 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
     saved, current = util.flatten(saved), util.flatten(current)
     return sorted(key for key in saved.keys() | current.keys()
                   if key.split(".")[0] not in RESUMABLE_KEYS and saved.get(key) != current.get(key))
+
+
+def check_supported(cfg: Config, flag: str | None) -> None:
+    """Refuse -S/-s (`flag`, if given) for a rule whose state is a package's optimiser object
+    (algorithms/peers.py), which a checkpoint cannot hold as plain tensors."""
+    rule = RULES[cfg.optimiser.name]
+    if flag and not rule.differentiable:
+        raise ConfigError(f"-S/-s {flag}: checkpoints do not cover optimiser.name = {cfg.optimiser.name!r} (its "
+                          f"state is {rule.package}'s optimiser object); run it without -S/-s")
 
 
 def resumed(path: str, cfg: Config) -> tuple[Config, dict]:
@@ -170,7 +180,7 @@ def check_progress(path: str, checkpoint: dict, cfg: Config) -> None:
 def restore(learner: Learner, checkpoint: dict, path: str) -> None:
     """Load a checkpoint's state into the learner; a state that does not fit is a ConfigError."""
     try:
-        learner.load_state_dict(checkpoint)
+        load_into(learner, checkpoint)
     except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
         raise ConfigError(f"-s {path}: its saved state does not fit this run ({util.one_line(error)}); re-create it "
                           f"with -S FILE under this config") from None
@@ -216,7 +226,7 @@ def _holds_run(folder: Path, saved_config: dict) -> bool:
 def save(path: str, learner: Learner, run_dir: Path | None, context: distributed.Context) -> None:
     """Write the learner's complete state to `path` (rank 0, atomically); call it on every rank. The
     run directory is stored relative to the log root (see `resume_run_dir`)."""
-    state = learner.state_dict()
+    state = state_of(learner)
     if context.is_rank0:
         name = None if run_dir is None else os.path.relpath(run_dir, learner.cfg.log_root)
         # Where its log was, so that a resumption can drop what was logged after (discard_events_after).
@@ -227,3 +237,36 @@ def save(path: str, learner: Learner, run_dir: Path | None, context: distributed
         except OSError as error:
             raise ConfigError(f"-S {path}: could not write the checkpoint ({error.strerror or error}); free some "
                               f"space, or choose another file with -S") from None
+
+
+def state_of(learner: Learner) -> dict:
+    """Everything a resumed run needs to continue bit for bit (between windows). Collective under
+    DDP (recurrent states are gathered from every rank): call it on all ranks."""
+    return learner.record.state_dict() | random_state(learner.params[0].device) | {
+        "model": learner.model.state_dict(), "rule_state": learner.rule_state,
+        "streams": learner.streams.state_dict(), "hyperparameters": learner.hyperparameters.state_dict(),
+        "algorithm": learner.algorithm.state_dict()}
+
+
+def load_into(learner: Learner, state: dict) -> None:
+    """Continue from `state_of`'s `state`."""
+    learner.record.load_state_dict(state)
+    learner.model.load_state_dict(state["model"])
+    learner.rule_state = state["rule_state"]
+    learner.hyperparameters.load_state_dict(state["hyperparameters"])
+    learner.algorithm.load_state_dict(state["algorithm"])
+    learner.streams.load_state_dict(state["streams"])
+    set_random_state(state, learner.params[0].device)
+
+
+def random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global random generators (the CPU's, and `device`'s if a GPU), for a checkpoint."""
+    cuda = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    return {"torch_rng": torch.get_rng_state()} | cuda
+
+
+def set_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what `random_state` returned (a CPU run's checkpoint resumes on a GPU without its state)."""
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)

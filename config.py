@@ -27,6 +27,7 @@ import datasets
 import models
 import util
 from algorithms.hyperparameters import TRANSFORMS
+from algorithms.peers import INSTALL as PEERS_INSTALL
 from algorithms.weight_update import RULES
 from config_files import deep_merge, parse_yaml_value, read_yaml_file, source_of
 from schema import MAX_COUNT, Config, ConfigError, OptimiserConfig, short, short_repr
@@ -199,7 +200,22 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"device = {short_repr(cfg.device)}: valid values are auto, cpu, cuda or cuda:N")
 
 
+def _check_peer(cfg: Config) -> None:
+    """A learning-rate-free optimiser of its own package (algorithms/peers.py) runs with fixed
+    hyperparameters, and only where its package is installed."""
+    rule = RULES[cfg.optimiser.name]
+    if rule.differentiable:
+        return
+    if cfg.tuning.method != "fixed":
+        raise ConfigError(f"optimiser.name = {cfg.optimiser.name!r} is {rule.package}'s own optimiser, with no "
+                          f"differentiable form: it runs with fixed hyperparameters (tuning.method: fixed), not "
+                          f"tuning.method {cfg.tuning.method}")
+    if not rule.available():
+        raise ConfigError(f"optimiser.name = {cfg.optimiser.name!r} needs the {rule.package} package: {PEERS_INSTALL}")
+
+
 def _check_tuning(cfg: Config) -> None:
+    _check_peer(cfg)
     tuning, rule = cfg.tuning, RULES[cfg.optimiser.name]
     for name in tuning.hyperparameters:
         if name not in rule.hyperparameters:

@@ -67,7 +67,8 @@ def continue_from(learner: train.Learner, state: dict) -> None:
     """A PBT trial's start from another trial's checkpoint `state`: that complete state, with the
     hyperparameters moved by the change of the starting values (the state's config to the
     learner's), in the log10/logit space they are tuned in."""
-    learner.load_state_dict(state)
+    import checkpoint
+    checkpoint.load_into(learner, state)
     learner.hyperparameters.shift_({name: state["config"]["optimiser"][name] for name in SEARCH_RANGES},
                                    {name: getattr(learner.cfg.optimiser, name) for name in SEARCH_RANGES})
 

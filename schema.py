@@ -101,13 +101,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimiserConfig:
-    name: str = option("sgd", "weight-update rule (PyTorch's update rules)", choices="rules")
+    name: str = option("sgd", "weight-update rule: sgd or adam (PyTorch's update rules, which every tuning.method "
+                              "differentiates), or a learning-rate-free optimiser of its own package for fixed "
+                              "hyperparameters: prodigy, dadapt_sgd, dadapt_adam, sf_sgd, sf_adamw "
+                              "(algorithms/peers.py; make peers installs them)", choices="rules")
     lr: float = option(1.0e-3, "initial learning rate", low=0.0, low_inclusive=False)
     weight_decay: float = option(0.0, "initial L2 weight decay (added to the gradient)", low=0.0)
     momentum: float = option(0.0, "initial momentum, sgd (PyTorch convention: b <- mu b + g)",
                              low=0.0, high=1.0, high_inclusive=False)
     beta1: float = option(0.9, "initial first-moment decay, adam", low=0.0, high=1.0, high_inclusive=False)
     beta2: float = option(0.999, "initial second-moment decay, adam", low=0.0, high=1.0, high_inclusive=False)
+    d_coef: float = option(1.0, "prodigy: multiplier of the step size d it estimates (its authors' knob; > 1 "
+                                "bolder)", low=0.0, low_inclusive=False)
+    warmup_steps: int = option(0, "sf_sgd, sf_adamw: weight steps of Schedule-Free's linear lr warm-up",
+                               low=0, high=MAX_COUNT)
     lr_multiplier: float | None = option(
         None, "multiply lr by this after every hyperparameter step (Random_SteppedLR)",
         low=0.0, low_inclusive=False)

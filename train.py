@@ -113,8 +113,9 @@ class Record:
         self.hyperparameters = state["window_hyperparameters"]
         self.train_seconds, self.segments = state.get("train_seconds", 0.0), state.get("segments", 1) + 1
 
-    def start_window(self, h: int, hyperparameters: Hyperparameters) -> None:
-        self.previous, self.hyperparameters = self.hyperparameters, hyperparameters.log_values()
+    def start_window(self, h: int, hyperparameters: Hyperparameters, rule_values: dict[str, float]) -> None:
+        """Window h begins: its hyperparameters (and the rule's own values, e.g. the step size it reached)."""
+        self.previous, self.hyperparameters = self.hyperparameters, hyperparameters.log_values() | rule_values
         if self.log is not None:
             for tag, values in hyperparameters.histograms().items():
                 self.log.histogram(h, tag, values)
@@ -188,22 +189,6 @@ class Learner:
                                           window_steps=cfg.network_weight_steps)
         self.record = Record(log, cfg.network_weight_steps, cfg.log_every)
 
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue bit for bit (between windows). Collective
-        under DDP (recurrent states are gathered from every rank): call it on all ranks."""
-        return self.record.state_dict() | util.random_state(self.params[0].device) | {
-            "model": self.model.state_dict(), "rule_state": self.rule_state, "streams": self.streams.state_dict(),
-            "hyperparameters": self.hyperparameters.state_dict(), "algorithm": self.algorithm.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.record.load_state_dict(state)
-        self.model.load_state_dict(state["model"])
-        self.rule_state = state["rule_state"]
-        self.hyperparameters.load_state_dict(state["hyperparameters"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        self.streams.load_state_dict(state["streams"])
-        util.set_random_state(state, self.params[0].device)
-
     def fast_step(self, batch: datasets.Batch) -> Step:
         """An untracked step, in place: the gradient summed over ranks (clipped when configured),
         then the rule's foreach update."""
@@ -271,7 +256,7 @@ class Learner:
             weights, self.rule_state = restart
             with torch.no_grad():
                 torch._foreach_copy_(self.params, weights)
-        self.record.start_window(h, self.hyperparameters)
+        self.record.start_window(h, self.hyperparameters, self.rule.logged(self.rule_state))
         self.fast_hyperparameters = self.hyperparameters.natural_values()
         T, tracked = self.cfg.network_weight_steps, self.algorithm.tracked_steps
         for s in range(T - tracked):
@@ -292,7 +277,8 @@ class Learner:
     def _logged_step(self, index: int, take_step: Callable[[datasets.Batch], Step]) -> Step:
         """Weight step `index`, measured when due (held-out sets at its weights, before its update)."""
         wanted = self.record.wants(index)
-        held_out = self.meter.held_out() if index % self.cfg.log_every == 0 else {}
+        with self.rule.measuring(self.rule_state):       # (Schedule-Free: its evaluation weights)
+            held_out = self.meter.held_out() if index % self.cfg.log_every == 0 else {}
         step, batch = self.train_step(take_step)
         if wanted:
             training = self.meter.batch_metrics(step.outputs, batch, step.loss)
@@ -308,9 +294,11 @@ class Learner:
 
     def finish(self) -> dict:
         """Measure the final weights on whole splits, log them, return the metrics."""
-        final = self.meter.evaluate(self.meter.whole(self.splits.train))
-        scalars = self.meter.to_scalars({"Training": final} | self.meter.held_out(whole=True))
-        return self.record.finish(scalars, self.hyperparameters.log_values(), self.cfg.weight_step_budget)
+        with self.rule.measuring(self.rule_state):
+            final = self.meter.evaluate(self.meter.whole(self.splits.train))
+            scalars = self.meter.to_scalars({"Training": final} | self.meter.held_out(whole=True))
+        hyperparameters = self.hyperparameters.log_values() | self.rule.logged(self.rule_state)
+        return self.record.finish(scalars, hyperparameters, self.cfg.weight_step_budget)
 
 
 def hparams(learner: Learner) -> tuple[dict, list[str]]:
@@ -356,6 +344,7 @@ def train(cfg: Config, save_state: str | None = None, load_state: str | None = N
     `stop_requested`, asked after every window, ends the run there with status "interrupted"."""
     if run_dir is None:
         run_files.check_outputs(cfg, save_state)
+    checkpoint.check_supported(cfg, save_state or load_state)
     saved = None
     if load_state:
         cfg, saved = checkpoint.resumed(load_state, cfg)
@@ -433,6 +422,7 @@ class Training:
     def check(self, cfg: Config, args: argparse.Namespace) -> None:
         meta_elsewhere(cfg)
         run_files.check_outputs(cfg, args.save_state)
+        checkpoint.check_supported(cfg, args.save_state or args.load_state)
         if args.load_state:
             cfg, _ = checkpoint.resumed(args.load_state, cfg)
         prepare(cfg)                              # the data is there and the model fits it

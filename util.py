@@ -437,16 +437,3 @@ def one_line(error: BaseException, limit: int = 200) -> str:
 def seeded(cfg: Config) -> Config:
     """`cfg` with a seed: its own, or one drawn now (a run records it in config.json, to be repeated)."""
     return cfg if cfg.seed is not None else replace(cfg, seed=secrets.randbelow(2**31))
-
-
-def random_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """torch's global random generators (the CPU's, and `device`'s if a GPU), for a checkpoint."""
-    cuda = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-    return {"torch_rng": torch.get_rng_state()} | cuda
-
-
-def set_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Restore what `random_state` returned (a CPU run's checkpoint resumes on a GPU without its state)."""
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)

@@ -11,7 +11,11 @@ State is a dict of per-parameter tensor lists (and Adam's step count); `update` 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from algorithms.peers import PEERS
 
 Tensors = list[torch.Tensor]
 Hyper = float | torch.Tensor | Tensors      # scalar, or one tensor per parameter
@@ -37,7 +41,21 @@ def _per_param(value: Hyper, count: int) -> list:
     return value if isinstance(value, list) else [value] * count
 
 
-class SGD:
+class Rule:
+    """What every rule of this module shares: a differentiable form, nothing of its own to log,
+    and the same weights for training and for measuring (unlike algorithms/peers.py's)."""
+    differentiable = True
+
+    @staticmethod
+    def logged(state: dict) -> dict[str, float]:
+        return {}
+
+    @staticmethod
+    def measuring(state: dict) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class SGD(Rule):
     """PyTorch's SGD with momentum and L2 weight decay (no dampening, no Nesterov):
 
         g <- g + weight_decay * w
@@ -79,7 +97,7 @@ class SGD:
             torch._foreach_add_(params, buffers, alpha=-hp["lr"])
 
 
-class Adam:
+class Adam(Rule):
     """PyTorch's Adam with L2 weight decay (no AMSGrad), step count t starting at 1:
 
         g <- g + weight_decay * w
@@ -136,4 +154,4 @@ class Adam:
             torch._foreach_addcdiv_(params, state["exp_avg"], denominator, value=-hp["lr"] / correction1)
 
 
-RULES = {"sgd": SGD, "adam": Adam}
+RULES = {"sgd": SGD, "adam": Adam, **PEERS}

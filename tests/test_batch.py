@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import parallel_exec
+import progress
 import ray_tune
 import run_all
 import run_files
-import util
 from tests.conftest import REPO
 
 SHORT = ("hyperparameter_steps=5", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
@@ -262,7 +262,7 @@ def test_calibration_errors_are_one_line(tmp_path, capsys):
 def test_a_batch_off_a_terminal_says_where_it_stands_while_runs_go_on(tmp_path, capsys, monkeypatch):
     """Was silent for hours under nohup: the bar only drew on a terminal, and nothing was said
     between two runs' ends."""
-    monkeypatch.setattr(util, "PROGRESS_EVERY", 0.2)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.2)
     first, second = parallel_exec.natural_sgd(2, seed=0)
     jobs = parallel_exec.make_jobs(["diabetes"], ["Random"], [first], SHORT) + parallel_exec.make_jobs(
         ["diabetes"], ["Random"], [second], (*SHORT, "hyperparameter_steps=400"))    # seconds: lines while it runs
