@@ -158,8 +158,10 @@ def deep_merge(base: dict, update: dict, source: str, sources: dict, prefix: tup
     merged = dict(base)
     for key, value in update.items():
         path = prefix + (key,)
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value, source, sources, path)
+        if isinstance(value, dict) and isinstance(merged.get(key, {}), dict):
+            # Key by key, a new section too: a file that extends another names only what it sets,
+            # not the section (whose other keys an earlier file may have set).
+            merged[key] = deep_merge(merged.get(key, {}), value, source, sources, path)
         else:
             merged[key] = value
             _forget_below(sources, path)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
+import checkpoint
 import config
 import ray_tune
 import results_table
@@ -143,7 +144,7 @@ def test_a_pbt_trial_continues_the_copied_state_moved_by_its_perturbation_in_log
         return train.Learner(train.prepare(cfg))
     source = learner(1e-3, 0.5)
     source.run()
-    state = source.state_dict() | {"config": config.to_dict(source.cfg)}
+    state = checkpoint.state_of(source) | {"config": config.to_dict(source.cfg)}
     reached = source.hyperparameters.log_values()
     trial = learner(1.2e-3, 0.4)
     ray_tune.continue_from(trial, state)
