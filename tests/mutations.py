@@ -203,7 +203,18 @@ ANALYSIS_MUTATIONS += (
              ("tests/test_results_table.py",)),
 )
 
-MUTATIONS = MUTATIONS + MEASUREMENT_MUTATIONS + ANALYSIS_MUTATIONS
+# The learning-rate-free peers, against their packages' own optimisers (tests/test_peers.py).
+PEER_MUTATIONS: tuple[Mutation, ...] = (
+    Mutation("peer_betas_dropped", "an Adam-like peer stepping with its package's betas, not the config's",
+             "algorithms/peers.py",
+             (('    return {"lr": hp["lr"], "weight_decay": hp["weight_decay"], "betas": (hp["beta1"], hp["beta2"])}',
+               '    return {"lr": hp["lr"], "weight_decay": hp["weight_decay"]}'),),
+             ("tests/test_peers.py::test_each_peer_ends_where_its_package_ends",)),
+    Mutation("schedule_free_unswitched", "Schedule-Free measured at its training sequence, not its evaluation weights",
+             "algorithms/peers.py", (('        state["optimiser"].eval()\n', "        pass\n"),),
+             ("tests/test_peers.py::test_schedule_free_is_measured_at_its_evaluation_weights",)),
+)
+MUTATIONS = MUTATIONS + MEASUREMENT_MUTATIONS + ANALYSIS_MUTATIONS + PEER_MUTATIONS
 
 
 class Stale(Exception):
