@@ -7,7 +7,8 @@
   Fashion-MNIST's shape: the speed of a step does not depend on the pixel values), 200 x 10 steps.
 
 Algorithms run in turn within each repeat, so drift on a noisy machine hits all alike; the report
-gives each algorithm's median seconds and its ratio to Random's median, against the targets.
+gives each algorithm's median seconds and its ratio to Random's median, against the targets. The
+learning-rate-free peers (Prodigy, D-Adaptation, Schedule-Free) join when their packages are installed.
 """
 from __future__ import annotations
 
@@ -29,9 +30,15 @@ import datasets  # noqa: E402
 import models  # noqa: E402
 import run_files  # noqa: E402
 import train  # noqa: E402
+from algorithms.peers import PEERS  # noqa: E402
 
 TARGETS = {"Ours_LR": 1.5, "Ours_LR_Momentum": 1.5, "Lorraine": 1.5, "DiffThroughOpt": 3.0,
            "Ours_HDLR_Momentum": 2.0, "Baydin": None}
+# The learning-rate-free peers (the optional peers packages, make peers), each within 1.3x Random.
+PEER_TARGETS = {"Prodigy": 1.3, "DAdaptation_SGD": 1.3, "DAdaptation_Adam": 1.3, "ScheduleFree_SGD": 1.3,
+                "ScheduleFree_AdamW": 1.3}
+if all(rule.available() for rule in PEERS.values()):
+    TARGETS |= PEER_TARGETS
 ALGORITHMS = ["Random", *TARGETS]
 
 
