@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.synced
 RAY_STAMP := $(VENV)/.synced-ray
+PEERS_STAMP := $(VENV)/.synced-peers
 PIPENV := PIPENV_VENV_IN_PROJECT=1 PIPENV_NOSPIN=1 PIPENV_YES=1 $(PYTHON) -m pipenv
 
-.PHONY: quickstart test mutation-check lint data bench ray
+.PHONY: quickstart test mutation-check lint data bench ray peers
 
 # Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv: the packages and
-# dev-packages categories, not the optional [ray] one.
+# dev-packages categories, not the optional [ray] and [peers] ones.
 $(STAMP): Pipfile Pipfile.lock
 	$(PYTHON) -m pip install --quiet pipenv
 	$(PIPENV) sync --categories "packages dev-packages"
@@ -19,6 +20,13 @@ $(STAMP): Pipfile Pipfile.lock
 ray: $(RAY_STAMP)
 $(RAY_STAMP): $(STAMP)
 	$(PIPENV) sync --categories ray
+	touch $@
+
+# Optional: the learning-rate-free optimisers (Prodigy, D-Adaptation, Schedule-Free; a few hundred
+# kB, on the pinned torch) that `run_all.py peers` compares against, and their tests.
+peers: $(PEERS_STAMP)
+$(PEERS_STAMP): $(STAMP)
+	$(PIPENV) sync --categories peers
 	touch $@
 
 quickstart: $(STAMP)

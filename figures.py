@@ -162,7 +162,7 @@ def place(algorithm: str) -> int:
 def colour(algorithm: str) -> tuple | str:
     if algorithm == BAYESOPT:
         return "black"
-    palette = plt.get_cmap("tab20").colors
+    palette = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors    # more algorithms than 20 colours
     return palette[place(algorithm) % len(palette)]
 
 

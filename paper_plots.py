@@ -11,6 +11,8 @@ runs) and dataset, and writes into --out (default: <folder>/paper) whatever the 
 - for runs in Update{T}_Rollback{i} groups: the sensitivity study's median final test value over
   T and i, and (where Ours and Diff-through-Opt ran from the same points) the relative error of
   the first implicit hypergradient against the unrolled one;
+- per experiment and dataset whose algorithms ran from the same draws: the head-to-head
+  (head_to_head.py: which ends lower from the same start, how often, with a sign test);
 and report.md, which shows them with a line on each. What it cannot make is listed with the reason.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import figures
+import head_to_head
 import results_table
 import util
 from schema import ConfigError
@@ -468,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         if main_style:
             main_figures(report, prefix, title, main_style, dataset)
             proof_of_concept(report, prefix, title, main_style, dataset)
+    duels = head_to_head.render(args.results, "paper_plots.py", depth=2)
+    if duels:
+        report.add("Head to head on shared draws", head_to_head.EXPLAINED, text=duels)
+    else:
+        report.skip("head to head", "no two algorithms of an experiment and dataset ran from the same draws")
     meta_scaling_figure(report, runs)
     path = report.write(args.results)
     for line in report.skipped:

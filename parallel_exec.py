@@ -40,6 +40,7 @@ import config
 import results_table
 import run_files
 import util
+from algorithms.weight_update import RULES
 from config import ConfigError
 from progress import Progress
 
@@ -141,17 +142,32 @@ def _lookup(values: dict, dotted: str) -> object:
     return values
 
 
+def unused_settings(files: tuple[str, ...], extra: tuple[str, ...] = ()) -> set[str]:
+    """The optimiser settings a point may carry that the run of `files` and `extra` has no use for:
+    another update rule's hyperparameters (momentum under Adam, beta1 under SGD; the rule is that
+    of the merged config, the weight_update.RULES entry of its optimiser.name), and the lr
+    multiplier unless the algorithm follows a fixed lr schedule (its config sets one)."""
+    cfg = config.load_from(list(files), overrides=list(extra))
+    kept = {f"optimiser.{name}" for name in RULES[cfg.optimiser.name].hyperparameters}
+    if cfg.optimiser.lr_multiplier is not None:
+        kept.add(MULTIPLIER)
+    every = {f"optimiser.{name}" for rule in RULES.values() for name in rule.hyperparameters} | {MULTIPLIER}
+    return every - kept
+
+
 def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tuple[str, dict]],
               extra: tuple[str, ...] = (), prefix: str = "") -> list[Job]:
-    """Every point for every dataset and algorithm; a point may carry its own subgroup name."""
+    """Every point for every dataset and algorithm; a point may carry its own subgroup name. A
+    point's value for an optimiser setting the algorithm's rule does not have is left out (see
+    `unused_settings`): one draw of lr, weight decay and momentum serves SGD and Adam alike."""
     jobs = []
     for dataset in datasets:
         for algorithm in algorithms:
             files = (str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{algorithm}.yaml"))
+            unused = unused_settings(files, extra)
             for point in points:
                 subgroup, values = point if isinstance(point, tuple) else ("", point)
-                if algorithm != "Random_SteppedLR":
-                    values = {key: value for key, value in values.items() if key != MULTIPLIER}
+                values = {key: value for key, value in values.items() if key not in unused}
                 group = "/".join(part for part in (prefix, dataset, algorithm, subgroup) if part)
                 overrides = tuple(f"{key}={value!r}" for key, value in values.items()) + tuple(extra)
                 jobs.append(Job(files, overrides, group))

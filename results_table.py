@@ -34,6 +34,10 @@ PAPER_NAMES = {
     "LongDiffThroughOpt_UCI_Full": "Full Diff-through-Opt",
     "LongDiffThroughOpt_FashionMNIST_Standalone": "Long Diff-through-Opt",
     "LongDiffThroughOpt_FashionMNIST_Medium": "Medium Diff-through-Opt",
+    "DAdaptation_SGD": "D-Adaptation (SGD)", "DAdaptation_Adam": "D-Adaptation (Adam)",
+    "ScheduleFree_SGD": "Schedule-Free (SGD)", "ScheduleFree_AdamW": "Schedule-Free (AdamW)",
+    "Ours_Adam_LR_WD": "Ours (Adam, WD+LR)", "Ours_Adam_LR_WD_Betas": "Ours (Adam, WD+LR+β)",
+    "Ours_HDLR_Adam": "Ours (Adam, WD+HDLR)",
 }
 
 
@@ -51,12 +55,14 @@ def dataset_name(dataset: str) -> str:
 
 
 # The paper's order of algorithms in tables and legends (the 3-batched Random after the stepped-lr
-# one, the exact Baydin beside Baydin's).
+# one, the exact Baydin beside Baydin's); the peers study's algorithms after the paper's.
 ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Validation", "Random_TrainingSetOnly",
                    "Lorraine", "Baydin", "Baydin_Exact", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
                    "DiffThroughOpt",
                    "LongDiffThroughOpt_UCI_Standalone", "LongDiffThroughOpt_UCI_Full",
-                   "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium")
+                   "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium",
+                   "Prodigy", "DAdaptation_SGD", "DAdaptation_Adam", "ScheduleFree_SGD", "ScheduleFree_AdamW",
+                   "Ours_Adam_LR_WD", "Ours_Adam_LR_WD_Betas", "Ours_HDLR_Adam")
 
 
 def paper_name(algorithm: str) -> str:
@@ -90,9 +96,13 @@ class Group:
     budgets: set[int] = field(default_factory=set)
     tests: list[float] = field(default_factory=list)     # final test losses of the completed runs
     best: Best | None = None
+    draws: dict[int, list[float]] = field(default_factory=dict)   # seed -> outcomes of its runs (see `outcome`)
 
-    def add(self, run_dir: Path, metrics: dict) -> None:
+    def add(self, run_dir: Path, metrics: dict, seed: int | None = None) -> None:
         status = metrics.get("status", "unfinished")
+        result = outcome(status, _first(metrics.get("final") or {}, TEST_TAGS))
+        if seed is not None and result is not None:
+            self.draws.setdefault(seed, []).append(result)
         self.statuses[status] += 1
         budget = metrics.get("weight_step_budget", metrics.get("weight_steps"))     # older runs: steps taken
         if budget is not None:
@@ -110,6 +120,15 @@ class Group:
             self.best = Best(*selection, test, hyperparameters, run_dir)
 
 
+def outcome(status: str, test: float | None) -> float | None:
+    """What a run's draw compares it by: its final test loss; +inf, worse than any, for a run that
+    diverged, failed or ended with no finite loss; None (no outcome) for a run that was interrupted,
+    has not finished, or completed without recording a test loss."""
+    if status in ("diverged", "failed") or (status == "completed" and test is not None and not math.isfinite(test)):
+        return math.inf
+    return test if status == "completed" else None
+
+
 def _first(final: dict, tags: tuple[str, ...]) -> float | None:
     return next((final[tag] for tag in tags if final.get(tag) is not None), None)
 
@@ -123,14 +142,15 @@ def collect(results: Path, prog: str) -> dict[tuple[str, str], Group]:
         run_dir = config_file.parent
         folders = run_dir.parent.relative_to(results).parts
         try:
-            algorithm = util.read_json_object(config_file, {"algorithm": str})["algorithm"]
+            values = util.read_json_object(config_file, {"algorithm": str, "seed?": util.SEED})
+            algorithm, seed = values["algorithm"], values.get("seed")
             metrics = util.read_metrics(run_dir)
         except util.UnreadableFile as error:
             print(f"{prog}: skipped the run {run_dir}: {error}", file=sys.stderr)
-            algorithm = folders[-1] if folders else "?"
+            algorithm, seed = folders[-1] if folders else "?", None
             metrics = {"status": "unreadable"}
         block = "/".join(folder for folder in folders if folder != algorithm) or "."
-        groups.setdefault((block, algorithm), Group()).add(run_dir, metrics)
+        groups.setdefault((block, algorithm), Group()).add(run_dir, metrics, seed)
     return groups
 
 

@@ -5,6 +5,7 @@
     python run_all.py uci_energy --reps 5             # a quick look: 5 initialisations instead of 200
     python run_all.py fashion_mnist --workers 2 --set hyperparameter_steps=100
     python run_all.py --parse runs/paper              # what a results folder holds
+    python run_all.py --parse runs/paper --head-to-head   # and which algorithm wins from the same draws
 
 Results go to `<results>/<experiment>/<dataset>/<algorithm>[/<setting>]/<config hash>`; the exit
 code is 1 when any run failed (its error is in its directory), 2 for a bad command. Running an
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import config
+import head_to_head
 import parallel_exec
 import progress
 import ray_tune
@@ -33,6 +35,13 @@ from config import ConfigError
 
 MAIN = ("Random", "Random_SteppedLR", "Random_Validation", "Lorraine", "Baydin", "Ours_LR", "Ours_LR_Momentum",
         "Ours_HDLR_Momentum", "DiffThroughOpt")
+# The peers study: what researchers would pick instead of tuning in one pass. The learning-rate-free
+# optimisers (Prodigy, D-Adaptation, Schedule-Free; `make peers`) and our one-pass tuning on Adam, against
+# Random and Ours (WD+LR+M); Prodigy and D-Adaptation start from lr 1.0, as their authors recommend.
+LEARNING_RATE_FREE = ("Prodigy", "DAdaptation_SGD", "DAdaptation_Adam", "ScheduleFree_SGD", "ScheduleFree_AdamW")
+OURS_ON_ADAM = ("Ours_Adam_LR_WD", "Ours_Adam_LR_WD_Betas", "Ours_HDLR_Adam")
+PEERS = ("Random", "Ours_LR_Momentum", *LEARNING_RATE_FREE, *OURS_ON_ADAM)
+LR_ONE = ("Prodigy", "DAdaptation_SGD", "DAdaptation_Adam")
 UCI = ("uci_boston", "uci_concrete", "uci_energy", "uci_kin8nm", "uci_naval", "uci_power", "uci_wine", "uci_yacht")
 SENSITIVITY = tuple((f"Update{steps}_Rollback{terms}",
                      {"network_weight_steps": steps, "hyperparameter_steps": 4000 // steps,
@@ -54,6 +63,7 @@ class Experiment:
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)   # algorithm (or "*") -> key=value
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # natural_sgd's log10 ranges, if others
     capped: dict[str, int] = field(default_factory=dict)   # algorithm -> at most this many initialisations
+    dataset_capped: dict[str, int] = field(default_factory=dict)   # dataset -> at most this many
     runner: str = "batch"                   # batch, bayesopt, or a separate entry point (named)
 
     def points(self, results: Path, reps: int | None, seed: int) -> list[dict]:
@@ -70,10 +80,12 @@ class Experiment:
         jobs = []
         for algorithm in self.algorithms:
             overrides = self.overrides.get("*", ()) + self.overrides.get(algorithm, ()) + extra
-            mine = points[:self.capped.get(algorithm, len(points))]
-            jobs += parallel_exec.make_jobs(self.datasets, [algorithm],
-                                            [(setting, point | values) for setting, values in self.settings
-                                             for point in mine], overrides, prefix=name)
+            for dataset in self.datasets:
+                count = min(self.capped.get(algorithm, len(points)), self.dataset_capped.get(dataset, len(points)))
+                mine = points[:count]
+                jobs += parallel_exec.make_jobs([dataset], [algorithm],
+                                                [(setting, point | values) for setting, values in self.settings
+                                                 for point in mine], overrides, prefix=name)
         return jobs
 
 
@@ -117,6 +129,11 @@ EXPERIMENTS: dict[str, Experiment] = {
         "validation proportions 0.25, 0.375, 0.5 on UCI Energy", ("uci_energy",),
         ("Ours_LR_Momentum", "Ours_HDLR_Momentum"), 200,
         settings=tuple((f"Proportion{p}", {"dataset.validation_proportion": p}) for p in (0.25, 0.375, 0.5))),
+    "peers": Experiment(
+        "learning-rate-free optimisers (Prodigy, D-Adaptation, Schedule-Free) and Ours on Adam against Random and "
+        "Ours (WD+LR+M): the main experiments' first 20 initialisations (Fashion-MNIST: 5)",
+        ("uci_energy", "uci_kin8nm", "uci_power", "fashion_mnist"), PEERS, 20,
+        overrides={name: ("optimiser.lr=1.0",) for name in LR_ONE}, dataset_capped={"fashion_mnist": 5}),
     "bayesopt": Experiment("Bayesian optimisation (5 random + 25 guided full runs per repetition)",
                            ("uci_energy", "uci_kin8nm", "uci_power", "fashion_mnist"), ("Random_Validation",), 32,
                            runner="bayesopt"),
@@ -195,9 +212,11 @@ def calibrate_experiments(results: Path, workers: int, names: list[str], extra: 
         if experiment.runner not in RUNS:
             continue
         try:
-            jobs = experiment.jobs(name, results, extra=extra)
-        except ConfigError:               # a replay whose source has not run yet
-            continue
+            jobs = experiment.jobs(name, results, extra=extra)     # (a bad --set is an error here)
+        except ConfigError:
+            if experiment.generator == "replay":                  # its source has not run yet
+                continue
+            raise
         for job in _representatives(jobs):
             cfg = job.config(results)     # (a bad --set is an error here, not a silently empty table)
             kinds.setdefault(calibration_key(cfg), cfg)
@@ -270,8 +289,9 @@ def list_experiments(results: Path, workers: int) -> None:
             continue
         try:
             jobs = experiment.jobs(name, results)
-        except ConfigError:           # a replay whose source experiment has not run yet
-            print(f"{name:<34}{'':>8}{'':>14}   {experiment.description} [after {experiment.replays}]")
+        except ConfigError as error:    # a replay whose source has not run yet, or a config not in this checkout
+            why = f"after {experiment.replays}" if experiment.generator == "replay" else str(error)
+            print(f"{name:<34}{'':>8}{'':>14}   {experiment.description} [{why}]")
             continue
         runs = len(jobs) * (BAYESOPT_EVALUATIONS if experiment.runner == "bayesopt" else 1)
         seconds, missing = estimate(jobs, results, table["kinds"])
@@ -305,11 +325,14 @@ def _representatives(jobs: list[parallel_exec.Job]) -> list[parallel_exec.Job]:
 
 # -------------------------------------------------------------------------------------------------
 
-def print_results(results: Path) -> None:
-    """The results table of a results folder (results.py), or a line saying it holds no runs."""
+def print_results(results: Path, duels: bool = False) -> None:
+    """The results table of a results folder (results_table.py), or a line saying it holds no runs;
+    with `duels`, then the head-to-head on shared draws (head_to_head.py, Markdown)."""
     if not results.is_dir():
         raise ConfigError(f"--parse {results}: no such folder; name a results folder (e.g. runs/paper)")
     print(results_table.render(results, "run_all.py") or f"no runs below {results}")
+    if duels:
+        print(f"\n{head_to_head.render(results, 'run_all.py') or 'no two algorithms ran from the same draws'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time a few windows of each kind of run of EXPERIMENT (default: all) here, at the "
                              "workers' thread count, and store the table in the results folder, for --list")
     parser.add_argument("--parse", type=Path, metavar="DIR", help="summarise the runs in a results folder")
+    parser.add_argument("--head-to-head", action="store_true",
+                        help="with --parse: then, per dataset, how often each algorithm ends below each other from "
+                             "the same draws, with a sign test (Markdown)")
     parser.add_argument("-l", "--results", type=Path, default=Path("runs/paper"), metavar="DIR",
                         help="results folder (default runs/paper)")
     parser.add_argument("--reps", type=config.positive_int, metavar="K", help="only the first K initialisations")
@@ -333,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.calibrate or args.list or args.parse or args.experiment):
         parser.error("name an experiment, or use --list, --calibrate or --parse")
+    if args.head_to_head and not args.parse:
+        parser.error("--head-to-head summarises a results folder: use it with --parse DIR")
     try:
         return run(args)
     except (ConfigError, util.UnreadableFile) as error:     # a bad flag, or a damaged file it names
@@ -353,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         list_experiments(args.results, args.workers)
         return 0
     if args.parse:
-        print_results(args.parse)
+        print_results(args.parse, args.head_to_head)
         return 0
     experiment = EXPERIMENTS[args.experiment]
     if experiment.runner == "bayesopt":

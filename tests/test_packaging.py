@@ -1,5 +1,5 @@
 """The two install routes agree: pyproject.toml (`pip install -e .`) mirrors Pipfile (pipenv, `make`),
-installs every module, and Ray stays an optional extra on both."""
+installs every module, and Ray and the learning-rate-free peers stay optional extras on both."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,8 @@ def test_pyproject_mirrors_the_pipfile_and_installs_every_module():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     project = pyproject["project"]
     assert project["dependencies"] == [requirement(*entry) for entry in pipfile["packages"].items()]
-    assert project["optional-dependencies"]["ray"] == [requirement(*entry) for entry in pipfile["ray"].items()]
+    for extra in ("ray", "peers"):
+        assert project["optional-dependencies"][extra] == [requirement(*entry) for entry in pipfile[extra].items()]
     assert project["optional-dependencies"]["dev"] == [requirement(*entry) for entry in pipfile["dev-packages"].items()]
     setuptools = pyproject["tool"]["setuptools"]
     assert sorted(setuptools["py-modules"]) == sorted(path.stem for path in REPO.glob("*.py")), \
@@ -37,3 +38,15 @@ def test_ray_is_only_in_the_optional_category_of_the_lock():
     assert lock["ray"]["ray"]["version"] == "==2.58.0"
     for heavy in ("ray", "pyarrow", "pandas", "pydantic"):
         assert heavy not in lock["default"] and heavy not in lock["develop"], heavy
+
+
+def test_the_peers_are_pinned_only_in_their_optional_category_of_the_lock_on_the_same_torch():
+    """Catches a re-lock that moves torch off its CPU pin for the peers' sake, or installs the peers
+    with the default packages."""
+    lock = json.loads((REPO / "Pipfile.lock").read_text())
+    pins = {"prodigyopt": "==1.1.2", "dadaptation": "==3.2", "schedulefree": "==1.4.1"}
+    for name, version in pins.items():
+        assert lock["peers"][name]["version"] == version and lock["peers"][name]["hashes"], name
+        assert name not in lock["default"] and name not in lock["develop"], name
+    for name, entry in lock["peers"].items():        # what they share with the default packages, at the same pin
+        assert name in pins or entry == lock["default"][name], name
