@@ -82,7 +82,7 @@ def pairs(groups: dict[str, Group]) -> list[Pair]:
     return [pair for pair in found if pair.draws]
 
 
-def blocks(results: Path, prog: str) -> dict[str, dict[str, Group]]:
+def blocks(results: Path, prog: str | None) -> dict[str, dict[str, Group]]:
     """{block: {algorithm: its runs}}, the blocks of results_table.collect."""
     found: dict[str, dict[str, Group]] = {}
     for (block, algorithm), group in results_table.collect(results, prog).items():
@@ -127,7 +127,7 @@ def markdown(groups: dict[str, Group]) -> str:
     return f"{summary_table(groups)}\n\n{pairs_table(found)}" if found else ""
 
 
-def render(results: Path, prog: str, depth: int | None = None) -> str:
+def render(results: Path, prog: str | None, depth: int | None = None) -> str:
     """The head-to-head of every block below `results` (of at most `depth` folders, if given) where
     two algorithms share draws, under a heading naming it; '' if there is none."""
     sections = [f"#### {block}: head to head on shared draws\n\n{text}"

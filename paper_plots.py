@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_style:
             main_figures(report, prefix, title, main_style, dataset)
             proof_of_concept(report, prefix, title, main_style, dataset)
-    duels = head_to_head.render(args.results, "paper_plots.py", depth=2)
+    duels = head_to_head.render(args.results, None, depth=2)      # (unreadable runs are listed above)
     if duels:
         report.add("Head to head on shared draws", head_to_head.EXPLAINED, text=duels)
     else:

@@ -133,7 +133,7 @@ def _first(final: dict, tags: tuple[str, ...]) -> float | None:
     return next((final[tag] for tag in tags if final.get(tag) is not None), None)
 
 
-def collect(results: Path, prog: str) -> dict[tuple[str, str], Group]:
+def collect(results: Path, prog: str | None) -> dict[tuple[str, str], Group]:
     """{(block, algorithm): its runs}, a block being the group folder relative to `results` without
     its algorithm's part (so that the algorithms of one dataset and setting share it). A run whose
     config.json or metrics.json is damaged counts as unreadable, with a line on stderr naming it."""
@@ -146,7 +146,8 @@ def collect(results: Path, prog: str) -> dict[tuple[str, str], Group]:
             algorithm, seed = values["algorithm"], values.get("seed")
             metrics = util.read_metrics(run_dir)
         except util.UnreadableFile as error:
-            print(f"{prog}: skipped the run {run_dir}: {error}", file=sys.stderr)
+            if prog is not None:      # (None: the caller has said so already)
+                print(f"{prog}: skipped the run {run_dir}: {error}", file=sys.stderr)
             algorithm, seed = folders[-1] if folders else "?", None
             metrics = {"status": "unreadable"}
         block = "/".join(folder for folder in folders if folder != algorithm) or "."

@@ -87,7 +87,7 @@ ONE_RANK_LOOKS = '''
 import os
 import sys
 
-import distributed
+import launch
 import train
 
 original = launch.launcher_stop

@@ -161,7 +161,9 @@ def test_a_clipped_lr_trajectory_is_a_raw_step_then_a_clip_into_the_log10_bounds
 # Adam with step 0.05 on the raw hyperparameters, log10 lr clipped into [-10, 0].
 PAPER_TERMS, PAPER_T, PAPER_BOUNDS = 5, 10, (1e-10, 1.0)
 OURS = {"Ours_LR": ({"lr", "weight_decay"}, ()), "Ours_LR_Momentum": ({"lr", "weight_decay", "momentum"}, ()),
-        "Ours_HDLR_Momentum": ({"lr", "weight_decay", "momentum"}, ("lr",))}
+        "Ours_HDLR_Momentum": ({"lr", "weight_decay", "momentum"}, ("lr",)),
+        "Ours_Adam_LR_WD": ({"lr", "weight_decay"}, ()), "Ours_HDLR_Adam": ({"lr", "weight_decay"}, ("lr",)),
+        "Ours_Adam_LR_WD_Betas": ({"lr", "weight_decay", "beta1", "beta2"}, ())}
 PAPER_DATASETS = [*(f"uci_{name}" for name in ("boston", "concrete", "energy", "kin8nm", "naval", "power", "wine",
                                                "yacht")), "fashion_mnist", "fashion_mnist_BatchNorm", "cifar10",
                   "penn_treebank"]
