@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ class PeerRule:
         return importlib.util.find_spec(self.package) is not None
 
     def init_state(self, params: list[torch.Tensor]) -> dict:
-        optimiser = getattr(importlib.import_module(self.package), self.optimiser)(params)
+        with contextlib.redirect_stdout(io.StringIO()):     # Prodigy prints its weight-decay mode
+            optimiser = getattr(importlib.import_module(self.package), self.optimiser)(params)
         if self.schedule_free:
             optimiser.train()
         return {"optimiser": optimiser}
