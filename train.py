@@ -277,13 +277,16 @@ class Learner:
     def _logged_step(self, index: int, take_step: Callable[[datasets.Batch], Step]) -> Step:
         """Weight step `index`, measured when due (held-out sets at its weights, before its update)."""
         wanted = self.record.wants(index)
-        with self.rule.measuring(self.rule_state):       # (Schedule-Free: its evaluation weights)
-            held_out = self.meter.held_out() if index % self.cfg.log_every == 0 else {}
+        held_out = self._held_out() if index % self.cfg.log_every == 0 else {}
         step, batch = self.train_step(take_step)
         if wanted:
             training = self.meter.batch_metrics(step.outputs, batch, step.loss)
             self.record.log_step(index, self.meter.to_scalars({"Training": training} | held_out))
         return step
+
+    def _held_out(self) -> dict[str, dict[str, torch.Tensor]]:
+        with self.rule.measuring(self.rule_state):       # (Schedule-Free: its evaluation weights)
+            return self.meter.held_out()
 
     def _hyper_step(self, last: Step) -> None:
         if self.algorithm.optimises:
