@@ -50,7 +50,7 @@ def check_supported(cfg: Config, flag: str | None) -> None:
     """Refuse -S/-s (`flag`, if given) for a rule whose state is a package's optimiser object
     (algorithms/peers.py), which a checkpoint cannot hold as plain tensors."""
     rule = RULES[cfg.optimiser.name]
-    if flag and not rule.differentiable:
+    if flag and not rule.checkpointable:
         raise ConfigError(f"-S/-s {flag}: checkpoints do not cover optimiser.name = {cfg.optimiser.name!r} (its "
                           f"state is {rule.package}'s optimiser object); run it without -S/-s")
 

@@ -38,6 +38,7 @@ class PeerRule:
     effective_lr: Callable[[dict], float]      # the step size it reached, from its parameter group
     schedule_free: bool = False
     differentiable = False
+    checkpointable = False      # its state is the package's optimiser object
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None

@@ -42,9 +42,11 @@ def _per_param(value: Hyper, count: int) -> list:
 
 
 class Rule:
-    """What every rule of this module shares: a differentiable form, nothing of its own to log,
-    and the same weights for training and for measuring (unlike algorithms/peers.py's)."""
+    """What every rule of this module shares: a differentiable form, a state of plain tensors (which
+    a checkpoint holds), nothing of its own to log, and the same weights for training and for
+    measuring (unlike algorithms/peers.py's)."""
     differentiable = True
+    checkpointable = True
 
     @staticmethod
     def logged(state: dict) -> dict[str, float]:
