@@ -37,7 +37,7 @@ PAPER_NAMES = {
     "DAdaptation_SGD": "D-Adaptation (SGD)", "DAdaptation_Adam": "D-Adaptation (Adam)",
     "ScheduleFree_SGD": "Schedule-Free (SGD)", "ScheduleFree_AdamW": "Schedule-Free (AdamW)",
     "Ours_Adam_LR_WD": "Ours (Adam, WD+LR)", "Ours_Adam_LR_WD_Betas": "Ours (Adam, WD+LR+β)",
-    "Ours_HDLR_Adam": "Ours (Adam, WD+HDLR)",
+    "Ours_Adam_LR_WD_Betas_AllRows": "Ours (Adam, WD+LR+β, all rows)", "Ours_HDLR_Adam": "Ours (Adam, WD+HDLR)",
 }
 
 
@@ -62,7 +62,7 @@ ALGORITHM_ORDER = ("Random", "Random_SteppedLR", "Random_3Batched", "Random_Vali
                    "LongDiffThroughOpt_UCI_Standalone", "LongDiffThroughOpt_UCI_Full",
                    "LongDiffThroughOpt_FashionMNIST_Standalone", "LongDiffThroughOpt_FashionMNIST_Medium",
                    "Prodigy", "DAdaptation_SGD", "DAdaptation_Adam", "ScheduleFree_SGD", "ScheduleFree_AdamW",
-                   "Ours_Adam_LR_WD", "Ours_Adam_LR_WD_Betas", "Ours_HDLR_Adam")
+                   "Ours_Adam_LR_WD", "Ours_Adam_LR_WD_Betas", "Ours_Adam_LR_WD_Betas_AllRows", "Ours_HDLR_Adam")
 
 
 def paper_name(algorithm: str) -> str:

@@ -39,7 +39,7 @@ MAIN = ("Random", "Random_SteppedLR", "Random_Validation", "Lorraine", "Baydin",
 # optimisers (Prodigy, D-Adaptation, Schedule-Free; `make peers`) and our one-pass tuning on Adam, against
 # Random and Ours (WD+LR+M); Prodigy and D-Adaptation start from lr 1.0, as their authors recommend.
 LEARNING_RATE_FREE = ("Prodigy", "DAdaptation_SGD", "DAdaptation_Adam", "ScheduleFree_SGD", "ScheduleFree_AdamW")
-OURS_ON_ADAM = ("Ours_Adam_LR_WD", "Ours_Adam_LR_WD_Betas", "Ours_HDLR_Adam")
+OURS_ON_ADAM = ("Ours_Adam_LR_WD", "Ours_Adam_LR_WD_Betas", "Ours_Adam_LR_WD_Betas_AllRows", "Ours_HDLR_Adam")
 PEERS = ("Random", "Ours_LR_Momentum", *LEARNING_RATE_FREE, *OURS_ON_ADAM)
 LR_ONE = ("Prodigy", "DAdaptation_SGD", "DAdaptation_Adam")
 UCI = ("uci_boston", "uci_concrete", "uci_energy", "uci_kin8nm", "uci_naval", "uci_power", "uci_wine", "uci_yacht")
