@@ -10,10 +10,12 @@ PIPENV := PIPENV_VENV_IN_PROJECT=1 PIPENV_NOSPIN=1 PIPENV_YES=1 $(PYTHON) -m pip
 .PHONY: quickstart test mutation-check lint data bench ray peers
 
 # Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv: the packages and
-# dev-packages categories, not the optional [ray] and [peers] ones.
+# dev-packages categories, not the optional [ray] and [peers] ones; then this repository itself,
+# editable, for the onepass-* commands (pyproject.toml).
 $(STAMP): Pipfile Pipfile.lock
 	$(PYTHON) -m pip install --quiet pipenv
 	$(PIPENV) sync --categories "packages dev-packages"
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # Optional: Ray Tune (about 0.5 GB) for `--backend ray`, ASHA and PBT, and their tests.

@@ -22,15 +22,12 @@ import types
 import typing
 from typing import Any
 
-import algorithms
-import datasets
-import models
-import util
-from algorithms.hyperparameters import TRANSFORMS
-from algorithms.peers import INSTALL as PEERS_INSTALL
-from algorithms.weight_update import RULES
-from config_files import deep_merge, parse_yaml_value, read_yaml_file, source_of
-from schema import MAX_COUNT, Config, ConfigError, OptimiserConfig, short, short_repr
+from onepass import algorithms, datasets, models, util
+from onepass.algorithms.hyperparameters import TRANSFORMS
+from onepass.algorithms.peers import INSTALL as PEERS_INSTALL
+from onepass.algorithms.weight_update import RULES
+from onepass.config_files import config_file, deep_merge, parse_yaml_value, read_yaml_file, source_of
+from onepass.schema import MAX_COUNT, Config, ConfigError, OptimiserConfig, short, short_repr
 
 
 def valid_names(choices: str | tuple[str, ...]) -> list[str]:
@@ -261,7 +258,7 @@ def build_config(values: dict, sources: dict | None = None) -> Config:
     return cfg
 
 
-REQUESTS = ("--", "onepass.tune(")    # sources that are a user's own settings: flags, --set, tune's keywords
+REQUESTS = ("--", "tune(")    # sources that are a user's own settings: flags, --set, tune's keywords
 
 
 def _check_unused_by_rule(cfg: Config, sources: dict) -> None:
@@ -377,7 +374,7 @@ def parse_command_line(argv: list[str] | None = None) -> tuple[Config, argparse.
 def load_from(files: list[str], flags: dict | None = None, overrides: list[str] | None = None) -> Config:
     """Merge `files`, then `flags` ({dotted key: value or None}), then 'key=value' overrides."""
     values, sources, dataset_file = {}, {}, None
-    for path in files:
+    for path in map(config_file, files):
         file_sources: dict = {}
         content = read_yaml_file(path, file_sources)
         dataset_file = _check_one_dataset(path, content, dataset_file, values)

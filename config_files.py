@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-from schema import QUOTE_LENGTH, ConfigError, short, short_repr
+from onepass.schema import QUOTE_LENGTH, REPO_DIR, ConfigError, short, short_repr
+
+SHIPPED_CONFIGS = REPO_DIR / "configs"
 
 # ---------------------------------------------------------------------------------------------
 # YAML reading
@@ -97,6 +99,18 @@ def parse_yaml_value(text: str, source: str) -> Any:
 def _parse_yaml(text: str) -> Any:
     """Parsed once per text: batches load thousands of configs from a few files and overrides."""
     return yaml.load(text, Loader=_Loader)
+
+
+def config_file(path: str) -> str:
+    """`path` itself when it exists; otherwise the shipped config it names (`configs/X.yaml`, `X.yaml`
+    or `X`), so that `-c configs/uci_energy.yaml` works from any folder and in an installed copy."""
+    name = Path(path)
+    if name.exists() or name.parent not in (Path("."), Path("configs")):
+        return path
+    for shipped in (SHIPPED_CONFIGS / name.name, SHIPPED_CONFIGS / f"{name.name}.yaml"):
+        if shipped.is_file():
+            return str(shipped)
+    return path
 
 
 def read_yaml_file(path: str, sources: dict, _seen: tuple = ()) -> dict:

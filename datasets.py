@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-import distributed
-from schema import ConfigError
+from onepass import distributed
+from onepass.schema import REPO_DIR, ConfigError
 
 if TYPE_CHECKING:
-    from schema import Config, DatasetConfig
+    from onepass.schema import Config, DatasetConfig
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+# data/ beside the scripts in a clone (where `make data` puts it); an installed copy has no folder of
+# its own for data, so data/ in the working directory.
+DEFAULT_DATA_DIR = REPO_DIR / "data" if (REPO_DIR / "pyproject.toml").is_file() else Path("data")
 
 
 class DatasetMissing(ConfigError):

@@ -80,7 +80,8 @@ class DatasetConfig:
         None, "intermediate measurements of the test set use a random batch of this many rows (token "
               "streams: time steps); null = the whole test split. The final measurement always uses it all",
         low=1, high=MAX_COUNT)
-    data_dir: str | None = option(None, "folder of processed datasets (default: data/ in the repository)")
+    data_dir: str | None = option(None, "folder of processed datasets (default: data/ in a clone of the "
+                                   "repository, ./data for an installed copy)")
     sequence_streams: int = option(40, "language-model datasets: parallel streams the token sequence is cut "
                                        "into (batch_size is then the truncated-BPTT length)",
                                     low=1, high=MAX_WIDTH)

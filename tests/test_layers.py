@@ -1,4 +1,4 @@
-"""The project's modules import one another in one direction.
+"""The project's modules import one another in one direction, and only by the package's name.
 
 Imports are read from the source (those inside functions count; `if TYPE_CHECKING:` ones, which
 never run, do not), so a cycle is caught even where it happens not to break at import time."""
@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO
 
+PACKAGE = "onepass"     # the name every project module is imported by (onepass/__init__.py)
+
 
 def project_modules() -> dict[str, Path]:
     """Module name -> file, for the top-level modules and the algorithms package."""
@@ -26,8 +28,9 @@ def _is_type_checking(node: ast.If) -> bool:
     return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def imported(path: Path, modules: dict[str, Path], type_checking: bool = False) -> set[str]:
-    """The project modules `path` imports (with those under `if TYPE_CHECKING:` when asked)."""
+def imported_names(path: Path, type_checking: bool = False) -> set[str]:
+    """Every module name `path` imports, and `module.name` for each name it imports from one (with
+    the imports under `if TYPE_CHECKING:` when asked)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -44,7 +47,13 @@ def imported(path: Path, modules: dict[str, Path], type_checking: bool = False) 
             visit(child)
 
     visit(ast.parse(path.read_text()))
-    return {name for name in found if name in modules}
+    return found
+
+
+def imported(path: Path, modules: dict[str, Path], type_checking: bool = False) -> set[str]:
+    """The project modules `path` imports, by their names inside the package."""
+    inside = {name.removeprefix(f"{PACKAGE}.") for name in imported_names(path, type_checking)}
+    return {name for name in inside if name in modules}
 
 
 def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
@@ -96,10 +105,21 @@ def test_no_algorithm_imports_the_training_loop():
             assert "train" not in imports, name
 
 
+def test_project_modules_are_imported_only_by_the_package_name():
+    """`import datasets` in an installed copy would import whatever else is called datasets (Hugging
+    Face's): every import of a project module, in the product, tests, benchmarks and examples, goes
+    through `onepass`. Catches a plain `import util` or `from schema import Config` anywhere."""
+    modules = set(project_modules())
+    files = [path for path in REPO.rglob("*.py") if not {".venv", ".git"} & set(path.parts)]
+    plain = {f"{path.relative_to(REPO)}: {name}" for path in files
+             for name in imported_names(path, type_checking=True) if name in modules}
+    assert not plain
+
+
 @pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     names = sorted(project_modules())
-    processes = {name: subprocess.Popen([sys.executable, "-c", f"import {name}"], cwd=REPO,
+    processes = {name: subprocess.Popen([sys.executable, "-c", f"import {PACKAGE}.{name}"], cwd=REPO,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for name in names}
     for name, process in processes.items():

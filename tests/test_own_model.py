@@ -1,4 +1,4 @@
-"""A user's own model and data: the Python API (onepass.tune), the `module:factory` config route and
+"""A user's own model and data: the Python API (tuner.tune), the `module:factory` config route and
 examples/own_model.py."""
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import config
-import datasets
-import measure
-import models
-import onepass
-import train
-from schema import ConfigError, ModelConfig
+from onepass import config, datasets, measure, models, train, tuner
+from onepass.schema import ConfigError, ModelConfig
 from tests import own_models
 from tests.conftest import run_cli
 
@@ -34,9 +29,9 @@ def small_model(seed: int = 0, outputs: int = 1) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, outputs))
 
 
-def tune_small(**settings) -> onepass.Result:
+def tune_small(**settings) -> tuner.Result:
     x, y = regression_data()
-    return onepass.tune(small_model(), nn.functional.mse_loss, (x[:200], y[:200]), (x[200:250], y[200:250]),
+    return tuner.tune(small_model(), nn.functional.mse_loss, (x[:200], y[:200]), (x[200:250], y[200:250]),
                         test=(x[250:], y[250:]), **{"hyperparameter_steps": 5, "seed": 0} | settings)
 
 
@@ -55,7 +50,7 @@ def test_the_api_ends_where_the_command_line_does_for_the_same_config_and_seed(t
     splits = datasets.make_splits(cfg.dataset, torch.float32, torch.device("cpu"))
     torch.manual_seed(3)                 # as train.prepare seeds before building the model
     model = models.build(cfg.model, splits.input_shape, splits.num_outputs)
-    result = onepass.tune(model, "mse", splits.train, splits.validation, "Ours_LR_Momentum", test=splits.test,
+    result = tuner.tune(model, "mse", splits.train, splits.validation, "Ours_LR_Momentum", test=splits.test,
                           lr=1e-3, weight_decay=1e-6, momentum=0.5, hyperparameter_steps=12, batch_size=64,
                           seed=3, device="cpu")
     assert result.status == "completed" and result.metrics["weight_steps"] == 120
@@ -74,7 +69,7 @@ def test_tune_returns_the_trained_model_and_its_hyperparameters_and_logs_like_tr
     model = small_model()
     x, y = regression_data()
     before = [p.detach().clone() for p in model.parameters()]
-    result = onepass.tune(model, nn.functional.mse_loss, (x[:200], y[:200]), (x[200:250], y[200:250]),
+    result = tuner.tune(model, nn.functional.mse_loss, (x[:200], y[:200]), (x[200:250], y[200:250]),
                           hyperparameter_steps=4, seed=1, log_dir=tmp_path)
     assert result.model is model and any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     final = result.metrics["final"]
@@ -92,7 +87,7 @@ def test_the_callback_sees_every_window_and_can_stop_the_run():
     """Catches a callback not called after each window, or one whose request to stop is ignored."""
     seen = []
 
-    def callback(window: onepass.Window) -> bool:
+    def callback(window: tuner.Window) -> bool:
         seen.append((window.index, window.weight_steps, sorted(window.hyperparameters)))
         return window.index == 3
 
@@ -106,7 +101,7 @@ def test_integer_targets_are_classification_with_accuracy():
     """Catches class labels taken for regression targets (cast to floats, no accuracy)."""
     x, _ = regression_data()
     labels = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()          # 3 classes
-    result = onepass.tune(small_model(outputs=3), nn.functional.cross_entropy, (x[:200], labels[:200]),
+    result = tuner.tune(small_model(outputs=3), nn.functional.cross_entropy, (x[:200], labels[:200]),
                           (x[200:], labels[200:]), hyperparameter_steps=3, seed=0)
     assert 0.0 <= result.metrics["final"]["Accuracy/Validation"] <= 1.0
 
@@ -126,9 +121,9 @@ BAD_CALLS = {
     "unknown algorithm": (dict(algorithm="Ours_Everything"), ["algorithm 'Ours_Everything' is unknown",
                                                               "Ours_LR_Momentum"]),
     "no validation": (dict(validation=None), ["validation: Ours_LR_Momentum tunes on validation data"]),
-    "unknown setting": (dict(settings={"hyperparameter_step": 3}), ["onepass.tune(hyperparameter_step=...)",
+    "unknown setting": (dict(settings={"hyperparameter_step": 3}), ["tune(hyperparameter_step=...)",
                                                                     "unknown key", "did you mean"]),
-    "setting out of range": (dict(settings={"momentum": 1.5}), ["onepass.tune(momentum=...)",
+    "setting out of range": (dict(settings={"momentum": 1.5}), ["tune(momentum=...)",
                                                                "optimiser.momentum = 1.5 is out of range"]),
     "model setting": (dict(settings={"model.name": "mlp"}), ["model.name is given by the argument model"]),
     "not a model": (dict(model=lambda x: x), ["model: expected a torch.nn.Module"]),
@@ -160,8 +155,8 @@ def test_bad_inputs_are_one_line_errors_before_training(case):
     arguments |= changes
     settings = arguments.pop("settings")
     with pytest.raises(ConfigError) as error:
-        onepass.tune(**arguments, **settings, hyperparameter_steps=1) if "hyperparameter_step" not in settings \
-            else onepass.tune(**arguments, **settings)
+        tuner.tune(**arguments, **settings, hyperparameter_steps=1) if "hyperparameter_step" not in settings \
+            else tuner.tune(**arguments, **settings)
     message = str(error.value)
     assert "\n" not in message and all(part in message for part in expected), message
 

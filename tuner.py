@@ -6,13 +6,13 @@ validation loss, in the same training loop as `python train.py`:
 
     import torch
     from torch import nn
-    import onepass
+    from onepass.tuner import tune
 
     x = torch.randn(600, 8)
     y = x @ torch.randn(8, 1) + 0.1 * torch.randn(600, 1)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-    result = onepass.tune(model, nn.functional.mse_loss, (x[:400], y[:400]), (x[400:500], y[400:500]),
-                          test=(x[500:], y[500:]), lr=1e-3, hyperparameter_steps=100, seed=0)
+    result = tune(model, nn.functional.mse_loss, (x[:400], y[:400]), (x[400:500], y[400:500]),
+                  test=(x[500:], y[500:]), lr=1e-3, hyperparameter_steps=100, seed=0)
     print(result.hyperparameters)                      # {'lr': ..., 'weight_decay': ..., 'momentum': ...}
     print(result.metrics["final"]["Loss/Validation"])  # result.model is `model`, trained
 
@@ -40,15 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import config
-import datasets
-import distributed
-import measure
-import models
-import run_files
-import train
-import util
-from schema import REPO_DIR, Config, ConfigError, OptimiserConfig, short_repr
+from onepass import config, datasets, distributed, measure, models, run_files, train, util
+from onepass.schema import REPO_DIR, Config, ConfigError, OptimiserConfig, short_repr
 
 CONFIG_DIR = REPO_DIR / "configs"
 OWN_DATA = "own"        # dataset.name recorded for data passed to `tune` (run group own/<algorithm>)
@@ -120,7 +113,7 @@ def make_config(algorithm: str, settings: dict[str, Any], validation_rows: int, 
     """The algorithm's config with `settings` on top, for data of `train_rows` training and
     `validation_rows` validation rows, validated as the command line's is (one-line ConfigErrors)."""
     sources: dict = {}
-    values = config.deep_merge({}, STARTING_VALUES, "onepass.STARTING_VALUES", sources)
+    values = config.deep_merge({}, STARTING_VALUES, "tuner.STARTING_VALUES", sources)
     path, file_sources = _algorithm_file(algorithm), {}
     algorithm_values = config.read_yaml_file(path, file_sources)
     values = config.deep_merge(values, algorithm_values, path, sources)
@@ -129,8 +122,8 @@ def make_config(algorithm: str, settings: dict[str, Any], validation_rows: int, 
         key = _dotted_key(name)
         if key in FROM_ARGUMENTS or key.split(".")[0] in FROM_ARGUMENTS:
             what = FROM_ARGUMENTS.get(key, FROM_ARGUMENTS.get(key.split(".")[0]))
-            raise ConfigError(f"onepass.tune({name}=...): {key} is given by the argument {what}, not a setting")
-        values = config.deep_merge(values, config.nest(key, value), f"onepass.tune({name}=...)", sources)
+            raise ConfigError(f"tune({name}=...): {key} is given by the argument {what}, not a setting")
+        values = config.deep_merge(values, config.nest(key, value), f"tune({name}=...)", sources)
     # The algorithm's config trains on train+validation when it sets no validation split (Random).
     dataset = algorithm_values.get("dataset")
     merge_validation = isinstance(dataset, dict) and dataset.get("validation_proportion") == 0
