@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-import distributed
-import own_data
-from schema import ConfigError
+from onepass import distributed, own_data
+from onepass.schema import ConfigError
 
 if TYPE_CHECKING:
-    from schema import Config, DatasetConfig
+    from onepass.schema import Config, DatasetConfig
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-import factories
-import util
-from schema import ConfigError, short_repr
+from onepass import factories, util
+from onepass.schema import ConfigError, short_repr
 
 if TYPE_CHECKING:
-    from schema import DatasetConfig
+    from onepass.schema import DatasetConfig
 
 RETURNS = "datasets.RawData(inputs, targets, test_size)"
 

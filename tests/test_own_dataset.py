@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import datasets
-import train
-import util
-from schema import ConfigError
+from onepass import config, datasets, train, util
+from onepass.schema import ConfigError
 from tests.conftest import REPO, run_cli
 
 MODULE = "own_data_cases"       # a name of its own: imported once per process, from the working directory
 SOURCE = '''
 import numpy as np
-import datasets
+from onepass import datasets
 
 NOT_CALLABLE = 3
 
@@ -201,7 +198,7 @@ def test_parallel_exec_refuses_a_factory_that_does_not_import_before_running_any
 
 def test_a_factory_name_makes_a_portable_file_name():
     """Catches figure files cut at the name's '.' (figures.save replaces the suffix) or a ':' in them."""
-    from paper_plots import names_of
+    from onepass.paper_plots import names_of
     prefix, title = names_of("runs", "mypackage.data:load")
     assert prefix == "mypackage-data--load" and title == "mypackage.data:load"
     assert (Path("out") / f"{prefix}_cdf").with_suffix(".png").name == "mypackage-data--load_cdf.png"
