@@ -25,6 +25,7 @@ import numpy as np
 
 from onepass import config, parallel_exec, run_files, util
 from onepass.config import ConfigError
+from onepass.schema import folder_name
 
 BOUNDS = {"log10_lr": parallel_exec.LOG10_LR, "log10_weight_decay": parallel_exec.LOG10_WEIGHT_DECAY,
           "momentum": (1e-6, 1 - 1e-6)}      # momentum kept inside (0, 1): it is tuned as a logit
@@ -62,7 +63,8 @@ def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5
              extra: tuple[str, ...] = ()) -> list[tuple[dict, float]]:
     """One Bayesian-optimisation sequence in `folder`; returns [(point, capped loss)] in order."""
     from onepass import train
-    files = (str(parallel_exec.CONFIGS / f"{dataset}.yaml"), str(parallel_exec.CONFIGS / "Random_Validation.yaml"))
+    base, named = parallel_exec.dataset_configs(dataset)
+    files, extra = (*base, str(parallel_exec.CONFIGS / "Random_Validation.yaml")), named + extra
     history: list[tuple[dict, float]] = []
     for k in range(initial + guided):
         run_dir = folder / f"{k:02d}"
@@ -94,7 +96,7 @@ def run_repetitions(dataset: str, root: Path, repetitions: int, workers: int, ca
         if dataset not in CAPS:
             raise ConfigError(f"no cap for diverged runs on {dataset}: give one with --cap")
         cap = CAPS[dataset]
-    tasks = [(dataset, Path(root) / dataset / f"repetition_{r}", r, cap, initial, guided, extra)
+    tasks = [(dataset, Path(root) / folder_name(dataset) / f"repetition_{r}", r, cap, initial, guided, extra)
              for r in range(repetitions)]
     if workers <= 1:
         return [_sequence(task) for task in tasks]
@@ -105,7 +107,8 @@ def run_repetitions(dataset: str, root: Path, repetitions: int, workers: int, ca
 
 def main(argv: list[str] | None = None) -> int:
     parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-d", "--dataset", required=True, help="dataset config name, e.g. uci_energy")
+    parser.add_argument("-d", "--dataset", required=True,
+                        help="dataset config name, e.g. uci_energy, or data of your own as module.path:factory")
     parser.add_argument("-l", "--log_root", type=Path, required=True, metavar="DIR", help="results folder")
     parser.add_argument("--repetitions", type=config.positive_int, default=1, help="independent sequences (default 1)")
     parser.add_argument("--initial", type=config.positive_int, default=5,
@@ -117,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train.py override for every run; repeatable")
     args = parser.parse_args(argv)
     try:
-        if not (parallel_exec.CONFIGS / f"{args.dataset}.yaml").is_file():
-            raise ConfigError(f"no config configs/{args.dataset}.yaml")
+        parallel_exec.check_names([args.dataset], [])
         if args.guided < 0:
             raise ConfigError(f"--guided {args.guided}: must be 0 or more (GP-proposed points after the uniform ones)")
         if args.cap is not None and not 0 < args.cap < math.inf:      # a NaN cap fails this too

@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Any
 
-from onepass import algorithms, datasets, models, util
+from onepass import algorithms, datasets, factories, models, own_data, util
 from onepass.algorithms.hyperparameters import TRANSFORMS
 from onepass.algorithms.peers import INSTALL as PEERS_INSTALL
 from onepass.algorithms.weight_update import RULES
@@ -161,16 +161,20 @@ def _check_value(value: Any, annotation: Any, meta: dict, path: tuple, sources: 
     return value
 
 
+# Registries that also take a user's own `module.path:factory`: what it is, and what it returns.
+OWN_CODE = {"models": ("a model of your own", models.RETURNS), "datasets": ("data of your own", own_data.RETURNS)}
+
+
 def _check_unregistered(item: Any, choices: str | tuple[str, ...], where: str) -> None:
-    """A name outside the registry: a model may be a user's `module.path:factory`, which must import;
-    anything else is unknown."""
-    if choices == "models" and isinstance(item, str) and models.is_factory_name(item):
+    """A name outside the registry: a model or dataset may be a user's `module.path:factory`, which
+    must import; anything else is unknown."""
+    if choices in OWN_CODE and isinstance(item, str) and factories.is_factory_name(item):
         try:
-            models.factory(item)
+            factories.factory(item, OWN_CODE[choices][1])
         except ConfigError as error:
             raise ConfigError(f"{where} = {short_repr(item)}: {error}") from None
         return
-    also = ", or module.path:factory (a model of your own)" if choices == "models" else ""
+    also = f", or module.path:factory ({OWN_CODE[choices][0]})" if choices in OWN_CODE else ""
     raise ConfigError(f"{where}: unknown name {short_repr(item)}; valid: {', '.join(valid_names(choices))}{also}")
 
 

@@ -103,11 +103,13 @@ def _parse_yaml(text: str) -> Any:
 
 def config_file(path: str) -> str:
     """`path` itself when it exists; otherwise the shipped config it names (`configs/X.yaml`, `X.yaml`
-    or `X`), so that `-c configs/uci_energy.yaml` works from any folder and in an installed copy."""
+    or `X`; `configs/own/data.yaml`), so that `-c configs/uci_energy.yaml` works from any folder and in
+    an installed copy."""
     name = Path(path)
-    if name.exists() or name.parent not in (Path("."), Path("configs")):
+    if name.exists() or name.is_absolute() or ".." in name.parts:
         return path
-    for shipped in (SHIPPED_CONFIGS / name.name, SHIPPED_CONFIGS / f"{name.name}.yaml"):
+    inside = Path(*name.parts[1:]) if name.parts[:1] == ("configs",) and len(name.parts) > 1 else name
+    for shipped in (SHIPPED_CONFIGS / inside, SHIPPED_CONFIGS / f"{inside}.yaml"):
         if shipped.is_file():
             return str(shipped)
     return path

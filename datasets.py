@@ -1,5 +1,8 @@
 """Datasets: registry, train/validation/test splits, normalisation, minibatch streams.
 
+`dataset.name` is a registered dataset, or the user's own as `module.path:factory` (own_data.py),
+cut in the same way.
+
 Every dataset is a table of inputs and targets in a fixed order. The first `train_val_size` rows are
 train+validation, the last `test_size` rows the test set. Train+validation is split contiguously,
 training rows first, with `rint(n * validation_proportion)` validation rows. Normalisation
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from onepass import distributed
+from onepass import distributed, own_data
 from onepass.schema import REPO_DIR, ConfigError
 
 if TYPE_CHECKING:
@@ -226,10 +229,20 @@ def standardise_features(inputs: np.ndarray, train_val_rows: int) -> np.ndarray:
     return standardise(inputs[:train_val_rows], inputs, per_feature=True)[0][0]
 
 
+def load(cfg: DatasetConfig) -> tuple[DatasetSpec, RawData]:
+    """A registered dataset's spec and table, or the user's own (`module.path:factory`, own_data.py),
+    whose spec is the task its targets imply (integer class labels: classification) and the usual cut."""
+    if cfg.name in DATASETS:
+        spec = DATASETS[cfg.name]
+        return spec, spec.load(cfg.name, Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR)
+    raw = RawData(*own_data.load(cfg))
+    task = "classification" if raw.targets.dtype.kind in "iu" else "regression"
+    return DatasetSpec(task, lambda name, data_dir: raw), raw
+
+
 def make_splits(cfg: DatasetConfig, dtype: torch.dtype, device: torch.device) -> Splits:
     """Load a dataset and cut it into train / validation / test tensors on `device`."""
-    spec = DATASETS[cfg.name]
-    raw = spec.load(cfg.name, Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR)
+    spec, raw = load(cfg)
     if spec.task == "language_model":
         return make_sequence_splits(cfg, raw, device)
     if spec.size is not None and len(raw.inputs) != spec.size:

@@ -1,10 +1,7 @@
 """Models and losses, by name."""
 from __future__ import annotations
 
-import importlib
 import itertools
-import re
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -12,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onepass import factories
 from onepass.schema import ConfigError
 
 if TYPE_CHECKING:
@@ -155,50 +153,16 @@ INPUT_RANKS = {"mlp": 1, "resnet18": 3, "lstm": 0}
 # called as factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module,
 # the signature of the MODELS entries above: cfg is the whole `model` section, input_shape the shape of
 # one input row ((features,) for a table, (C, H, W) for images), num_outputs the number of regression
-# targets or classes. The module must be importable (installed, or on PYTHONPATH).
-FACTORY_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-
-def is_factory_name(name: str) -> bool:
-    """Whether `name` has the form `module.path:attribute` of a user's model factory."""
-    return FACTORY_NAME.fullmatch(name) is not None
-
-
-def factory(name: str) -> Callable[..., nn.Module]:
-    """The callable a `module.path:attribute` name refers to; a ConfigError naming what was not found."""
-    if not is_factory_name(name):
-        raise ConfigError(f"{name!r} is not of the form module.path:factory")
-    module_name, _, attribute = name.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name) \
-                and module_name[len(error.name):len(error.name) + 1] in ("", "."):
-            raise ConfigError(f"no module named {error.name!r} (is it installed, or on PYTHONPATH?)") from None
-        raise ConfigError(f"importing {module_name!r} failed: {type(error).__name__}: {error}") from None
-    except Exception as error:      # the user's module raised while being imported
-        message = " ".join(str(error).split())
-        raise ConfigError(f"importing {module_name!r} failed: {type(error).__name__}: {message}") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"module {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"{name!r} is a {type(target).__name__}, not a callable that returns an nn.Module")
-    return target
+# targets or classes. The module must be importable (installed, on PYTHONPATH, or in the working
+# directory); factories.py imports and calls it.
+RETURNS = "an nn.Module"
 
 
 def _build_own(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     try:
-        make = factory(cfg.name)
+        model = factories.call(factories.factory(cfg.name, RETURNS), cfg, tuple(input_shape), num_outputs)
     except ConfigError as error:
         raise ConfigError(f"model.name = {cfg.name!r}: {error}") from None
-    try:
-        model = make(cfg, tuple(input_shape), num_outputs)
-    except Exception as error:       # the user's code: say where it failed, in one line
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        raise ConfigError(f"model.name = {cfg.name!r}: the factory raised {type(error).__name__}: {error} "
-                          f"({frame.filename}, line {frame.lineno})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name = {cfg.name!r}: the factory returned a {type(model).__name__}, "
                           f"not a torch.nn.Module")

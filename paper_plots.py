@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from onepass import figures, head_to_head, results_table, util
-from onepass.schema import ConfigError
+from onepass.schema import ConfigError, folder_name
 
 ERROR_FLOOR = 1e-7        # relative errors drawn on a log scale: exact agreement shows at this floor
 LR = "Last_Hyperparameter/Lr"
@@ -393,7 +393,7 @@ def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], oth
                f"objective so far, against the cumulative training time of its sequence; the other algorithms: their "
                f"{LABELS[tag]} during one run against its elapsed time. Medians, with the central 68% of bootstrap "
                f"medians.",
-               figures.save(figure, report.out / f"bayesopt_{dataset}_best_so_far"))
+               figures.save(figure, report.out / f"bayesopt_{folder_name(dataset)}_best_so_far"))
 
 
 def meta_scaling_figure(report: Report, runs: dict[str, util.Run]) -> None:
@@ -418,8 +418,8 @@ def names_of(experiment: str, dataset: str) -> tuple[str, str]:
     """(file name prefix, title) of an experiment's figures on a dataset: the dataset alone when the
     experiment is named after it (or the folder is a flat list of runs)."""
     alone = experiment in (dataset, "runs")
-    name = results_table.dataset_name(dataset)
-    return (dataset, name) if alone else (f"{experiment}_{dataset}", f"{name} ({experiment})")
+    name, prefix = results_table.dataset_name(dataset), folder_name(dataset)
+    return (prefix, name) if alone else (f"{experiment}_{prefix}", f"{name} ({experiment})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,12 +36,14 @@ from types import ModuleType
 
 import numpy as np
 
-from onepass import config, results_table, run_files, util
+from onepass import config, factories, results_table, run_files, util
 from onepass.algorithms.weight_update import RULES
 from onepass.config import ConfigError
 from onepass.progress import Progress
+from onepass.schema import folder_name
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+OWN_DATA = CONFIGS / "own" / "data.yaml"      # the defaults under data of the user's own
 FINISHED = ("completed", "diverged")
 # Keys that say where a run logs, not what it computes: left out of its identity.
 LOCATION_KEYS = ("log_root", "run_group_name", "run_name")
@@ -152,6 +154,22 @@ def unused_settings(files: tuple[str, ...], extra: tuple[str, ...] = ()) -> set[
     return every - kept
 
 
+def dataset_configs(dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(config files, overrides) of a dataset named on a command line: configs/NAME.yaml, or for data
+    of the user's own (`module.path:factory`, own_data.py) the defaults of OWN_DATA with that name."""
+    if factories.is_factory_name(dataset):
+        return (str(OWN_DATA),), (f"dataset.name={dataset}",)
+    return (str(CONFIGS / f"{dataset}.yaml"),), ()
+
+
+def check_names(datasets: list[str], algorithms: list[str]) -> None:
+    """Every dataset and algorithm has its config (a dataset may be the user's own module.path:factory,
+    imported when its jobs' configs are validated)."""
+    for name in [name for name in datasets if not factories.is_factory_name(name)] + algorithms:
+        if not (CONFIGS / f"{name}.yaml").is_file():
+            raise ConfigError(f"no config configs/{name}.yaml")
+
+
 def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tuple[str, dict]],
               extra: tuple[str, ...] = (), prefix: str = "") -> list[Job]:
     """Every point for every dataset and algorithm; a point may carry its own subgroup name. A
@@ -159,14 +177,15 @@ def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tu
     `unused_settings`): one draw of lr, weight decay and momentum serves SGD and Adam alike."""
     jobs = []
     for dataset in datasets:
+        base, named = dataset_configs(dataset)
         for algorithm in algorithms:
-            files = (str(CONFIGS / f"{dataset}.yaml"), str(CONFIGS / f"{algorithm}.yaml"))
-            unused = unused_settings(files, extra)
+            files, dataset_extra = (*base, str(CONFIGS / f"{algorithm}.yaml")), named + tuple(extra)
+            unused = unused_settings(files, dataset_extra)
             for point in points:
                 subgroup, values = point if isinstance(point, tuple) else ("", point)
                 values = {key: value for key, value in values.items() if key not in unused}
-                group = "/".join(part for part in (prefix, dataset, algorithm, subgroup) if part)
-                overrides = tuple(f"{key}={value!r}" for key, value in values.items()) + tuple(extra)
+                group = "/".join(part for part in (prefix, folder_name(dataset), algorithm, subgroup) if part)
+                overrides = tuple(f"{key}={value!r}" for key, value in values.items()) + dataset_extra
                 jobs.append(Job(files, overrides, group))
     return jobs
 
@@ -428,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = util.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-l", "--log_root", type=Path, required=True, metavar="DIR", help="results folder")
     parser.add_argument("-d", "--datasets", nargs="+", required=True, metavar="NAME",
-                        help="dataset configs (configs/NAME.yaml)")
+                        help="dataset configs (configs/NAME.yaml), or data of your own as module.path:factory "
+                             "(over configs/own/data.yaml)")
     parser.add_argument("-a", "--algorithms", nargs="+", required=True, metavar="NAME",
                         help="algorithm configs (configs/NAME.yaml)")
     parser.add_argument("--generator", choices=["natural_sgd", "replay", "sensitivity", "iterations"],
@@ -445,9 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         util.check_output_folder(args.log_root, f"-l {args.log_root}", "choose another with -l DIR")
-        for name in args.datasets + args.algorithms:
-            if not (CONFIGS / f"{name}.yaml").is_file():
-                raise ConfigError(f"no config configs/{name}.yaml")
+        check_names(args.datasets, args.algorithms)
         if args.generator == "replay":
             if args.source is None:
                 raise ConfigError("--generator replay needs --source DIR")

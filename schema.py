@@ -67,9 +67,19 @@ def plain_name(name: str) -> str | None:
     return None
 
 
+def folder_name(dataset: str) -> str:
+    """A dataset name as a file or folder name: a registered name as it is; the user's own
+    `package.module:factory` as `package-module--factory`, portable (no ':', which Windows refuses) and
+    with no '.' that a suffix could be taken from (figures.save replaces the suffix). Unambiguous, as no
+    factory name holds a '-'."""
+    return dataset.replace(":", "--").replace(".", "-")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
-    name: str = option("diabetes", "registered dataset", choices="datasets")
+    name: str = option("diabetes", "registered dataset, or data of your own as module.path:factory (called with "
+                                   "this section; returns datasets.RawData(inputs, targets, test_size), cut as "
+                                   "the registered ones are; see own_data.py)", choices="datasets")
     validation_proportion: float = option(
         0.0, "fraction of train+validation held out (contiguously, at the end) for validation; "
         "0 trains on all of it and logs no validation loss", low=0.0, high=1.0, high_inclusive=False)
@@ -215,7 +225,7 @@ class Config:
         """The run's folder below log_root: run_group_name, or <dataset>/<algorithm> by default."""
         if self.run_group_name is not None:
             return self.run_group_name
-        return "meta_dataset" if self.task == "meta_dataset" else f"{self.dataset.name}/{self.algorithm}"
+        return "meta_dataset" if self.task == "meta_dataset" else f"{folder_name(self.dataset.name)}/{self.algorithm}"
 
     @property
     def total_weight_steps(self) -> int:
