@@ -125,17 +125,22 @@ class TunedOptimiser(torch.optim.Optimizer):
         step, on one validation loss. Returns the closure's loss, detached."""
         if not callable(closure):
             raise TypeError(f"{type(self).__name__}.step() needs the closure that computes the loss: {CLOSURE_HELP}")
-        self.zero_grad(set_to_none=True)          # (a backward() in the closure then shows up)
         self._read_group()
         position = self._steps % self.window
-        with torch.enable_grad():
-            if position < self.window - self._hyper_optimiser.tracked_steps:
-                step = weight_step_(self._problem, self._params, self._rule_state, self._fast_hyperparameters,
-                                    closure)
-            else:
-                step = self._tracked_step(closure)
-            if position == self.window - 1:
-                self._hyper_step(step)
+        try:
+            with torch.enable_grad():
+                if position < self.window - self._hyper_optimiser.tracked_steps:
+                    step = weight_step_(self._problem, self._params, self._rule_state, self._fast_hyperparameters,
+                                        closure)
+                else:
+                    step = self._tracked_step(closure)
+                if position == self.window - 1:
+                    self._hyper_step(step)
+        except RuntimeError as error:
+            if "backward through the graph a second time" in str(error):
+                raise ValueError("the closure called backward(): return the loss instead, the optimiser "
+                                 "differentiates it itself (the hypergradient needs its graph)") from None
+            raise
         self._steps += 1
         return step.outputs.detach()
 
@@ -164,13 +169,10 @@ class TunedOptimiser(torch.optim.Optimizer):
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError(f"the closure must return the loss as a 0-d tensor, got "
                             f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
-        if any(w.is_leaf and w.grad is not None for w in weights):
-            raise ValueError("the closure called backward(): return the loss instead, the optimiser differentiates "
-                             "it itself (the hypergradient needs its graph)")
         if not loss.requires_grad:
             raise ValueError("the closure returned a loss without a graph: compute it with autograd enabled from the "
                              "model's outputs, and return it without .item() or .detach()")
-        return loss, loss * self._share
+        return loss, loss if self._share == 1 else loss * self._share
 
     def _validation_loss_at(self, weights: Weights, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         """The validation loss at `weights`, with the model in evaluation mode (as train.py measures
@@ -283,6 +285,22 @@ class Baydin(TunedOptimiser):
         tuning = TuningConfig(method="baydin", hyperparameters=("lr",), optimiser="sgd", lr=hyper_lr,
                               validation_data="training", every_weight_step=True)
         super().__init__(model, validation, validation_loss, settings, tuning, window=1)
+
+
+def from_config(cfg: Config, model: nn.Module, validation: Closure | Iterable,
+                validation_loss: Callable[[Any], torch.Tensor] | None = None) -> TunedOptimiser:
+    """The optimiser with the settings of a run's config (tuning.method implicit or baydin), e.g.
+    to follow an algorithm of configs/ in a loop of one's own."""
+    o, t = cfg.optimiser, cfg.tuning
+    common = dict(rule=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=(o.beta1, o.beta2),
+                  gradient_clip=o.gradient_clip)
+    if t.method == "baydin":
+        return Baydin(model, validation, validation_loss, hyper_lr=t.lr, **common)
+    if t.method != "implicit":
+        raise ValueError(f"tuning.method = {t.method!r}: the optimisers run the implicit and baydin methods only")
+    return Implicit(model, validation, validation_loss, tune=t.hyperparameters, per_element_lr=bool(t.high_dimensional),
+                    window=cfg.network_weight_steps, terms=t.rollback_distance, hyper_optimiser=t.optimiser,
+                    hyper_lr=t.lr, **common)
 
 
 def _settings(rule: str, lr: float, weight_decay: float, momentum: float, betas: tuple[float, float],

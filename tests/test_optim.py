@@ -80,24 +80,12 @@ def learner_run(data: Path, algorithm: str, *overrides: str) -> tuple[train.Lear
     return learner, initial, trajectory
 
 
-def optimiser_for(cfg: config.Config, model: torch.nn.Module, validation, validation_loss) -> optim.TunedOptimiser:
-    """The optimiser with the settings of a config."""
-    o, t = cfg.optimiser, cfg.tuning
-    common = dict(rule=o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=(o.beta1, o.beta2),
-                  gradient_clip=o.gradient_clip)
-    if t.method == "baydin":
-        return optim.Baydin(model, validation, validation_loss, hyper_lr=t.lr, **common)
-    return optim.Implicit(model, validation, validation_loss, tune=t.hyperparameters, window=cfg.network_weight_steps,
-                          per_element_lr=bool(t.high_dimensional), terms=t.rollback_distance,
-                          hyper_optimiser=t.optimiser, hyper_lr=t.lr, **common)
-
-
 def replay(learner: train.Learner, model: torch.nn.Module) -> list:
     """The Learner's batches through a hand-written loop around the optimiser; its raw
     hyperparameters after every window."""
     def loss(batch):
         return mse_loss(model(batch.inputs), batch.targets)
-    optimiser = optimiser_for(learner.cfg, model, learner.streams.hyper.batches, loss)
+    optimiser = optim.from_config(learner.cfg, model, learner.streams.hyper.batches, loss)
     trajectory = []
     for index, batch in enumerate(learner.streams.train.batches, 1):
         optimiser.step(lambda batch=batch: loss(batch))
@@ -258,8 +246,12 @@ def test_misuse_is_a_one_line_error():
     optimiser = optim.Implicit(model, lambda: mse_loss(model(xv), yv))
     with pytest.raises(TypeError, match=r"step\(\) needs the closure .* optimiser.step\(lambda: loss_fn"):
         optimiser.step()
+    def lbfgs_style():        # torch.optim.LBFGS's closures call backward() themselves
+        value = loss()
+        value.backward()
+        return value
     with pytest.raises(ValueError, match=r"the closure called backward\(\): return the loss instead"):
-        optimiser.step(lambda: (loss().backward(), loss())[1])
+        optimiser.step(lbfgs_style)
     with pytest.raises(TypeError, match="the closure must return the loss as a 0-d tensor, got float"):
         optimiser.step(lambda: loss().item())
     with pytest.raises(ValueError, match="returned a loss without a graph"):
