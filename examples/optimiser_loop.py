@@ -24,6 +24,8 @@ train = DataLoader(TensorDataset(x[:900], y[:900]), batch_size=50, shuffle=True)
 validation = DataLoader(TensorDataset(x[900:], y[900:]), batch_size=100, shuffle=True)
 model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1))
 loss_fn = nn.functional.mse_loss
+with torch.no_grad():
+    before = loss_fn(model(x[900:]), y[900:]).item()
 
 
 def validation_loss(batch: list[torch.Tensor]) -> torch.Tensor:
@@ -31,9 +33,9 @@ def validation_loss(batch: list[torch.Tensor]) -> torch.Tensor:
     return loss_fn(model(inputs), targets)
 
 
-optimiser = optim.Implicit(model, validation, validation_loss, lr=1e-3, weight_decay=1e-6, momentum=0.5,
+optimiser = optim.Implicit(model, validation, validation_loss, lr=1e-2, weight_decay=1e-6, momentum=0.5,
                            gradient_clip=10.0)
-for epoch in range(15):
+for epoch in range(20):
     for inputs, targets in train:
         loss = optimiser.step(lambda: loss_fn(model(inputs), targets))     # noqa: B023 (called at once)
     if epoch % 5 == 4:
@@ -41,4 +43,4 @@ for epoch in range(15):
         print(f"epoch {epoch + 1}: training loss {loss.item():.4f}  lr {group['lr']:.3g}  "
               f"weight decay {group['weight_decay']:.3g}  momentum {group['momentum']:.3f}")
 with torch.no_grad():
-    print(f"validation loss {loss_fn(model(x[900:]), y[900:]).item():.4f}")
+    print(f"validation loss {before:.4f} -> {loss_fn(model(x[900:]), y[900:]).item():.4f}")

@@ -278,4 +278,11 @@ def test_misuse_is_a_one_line_error():
 def test_the_example_runs():
     result = run_cli("examples/optimiser_loop.py", timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "validation loss" in result.stdout and " -> " in result.stdout
+
+
+def test_the_lightning_example_runs():
+    pytest.importorskip("lightning")
+    result = run_cli("examples/optimiser_lightning.py", timeout=300)
+    assert result.returncode == 0, result.stderr
     assert "validation loss" in result.stdout
