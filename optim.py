@@ -76,7 +76,10 @@ class TunedOptimiser(torch.optim.Optimizer):
     One parameter group, holding the current natural values (lr, weight_decay, and momentum or
     betas; a per-element lr as its mean), rewritten after every hyperparameter step. A value written
     into it (by hand or by an LR scheduler) moves that hyperparameter from the next step on, tuned
-    or not (a per-element lr scales every element alike)."""
+    or not (a per-element lr scales every element alike): schedulers that multiply the current lr
+    (StepLR, ExponentialLR, ReduceLROnPlateau) scale the tuned lr; those that compute it afresh from
+    the initial lr (LambdaLR, OneCycleLR) override the tuning at every step they take.
+    `hypergradients` holds the last hyperparameter step's, by log tag (Hypergradient/Lr, ...)."""
 
     hyper_optimiser_class: type
 
@@ -96,11 +99,12 @@ class TunedOptimiser(torch.optim.Optimizer):
         group |= {"betas": (settings.beta1, settings.beta2)} if settings.name == "adam" else \
             {"momentum": settings.momentum}
         super().__init__(params, group)
-        self.model, self.window, self._params = model, window, params
+        self.window = window            # T: weight steps per hyperparameter step
+        self._model, self._params = model, params
         self._names, self._call = [f"model.{name}" for name, _ in named], _Call(model)
         context = _context(params[0].device)
         self._share = 1.0 / context.world_size
-        self._rule = RULES[settings.name]
+        self._rule_name, self._rule = settings.name, RULES[settings.name]
         self._rule_state = self._rule.init_state(params)
         self._hyperparameters = Hyperparameters(settings, tuning, self._rule.hyperparameters, params)
         self._problem = Problem(self._loss_at, self._validation_loss_at, self._rule, settings.gradient_clip,
@@ -177,12 +181,12 @@ class TunedOptimiser(torch.optim.Optimizer):
     def _validation_loss_at(self, weights: Weights, closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
         """The validation loss at `weights`, with the model in evaluation mode (as train.py measures
         it: BatchNorm's running statistics, no dropout); the model's mode is restored after."""
-        training = self.model.training
-        self.model.eval()
+        training = self._model.training
+        self._model.eval()
         try:
             return self._loss_at(weights, closure)
         finally:
-            self.model.train(training)
+            self._model.train(training)
 
     def _write_group(self) -> None:
         """Publish the natural values in the parameter group (and remember what was written)."""
@@ -202,20 +206,17 @@ class TunedOptimiser(torch.optim.Optimizer):
         if "betas" in group:
             values["beta1"], values["beta2"] = group["betas"]
         if values != self._written:
-            check = OptimiserConfig(**{"name": self._rule_name(), **self._written, **values})
+            check = OptimiserConfig(**{"name": self._rule_name, **self._written, **values})
             _check_settings(check, TuningConfig(hyperparameters=self._hyperparameters.optimised), self.window)
             self._hyperparameters.shift_(self._written, values)
             self._fast_hyperparameters = self._hyperparameters.natural_values()
             self._write_group()
 
-    def _rule_name(self) -> str:
-        return next(name for name, rule in RULES.items() if rule is self._rule)
-
     def state_dict(self) -> dict[str, Any]:
         """Everything that the rest of the run depends on (copies): weight steps taken, the rule's
         state (momentum buffers or Adam's moments), the hyperparameters and the hyper-optimiser's
         state. The weights are the model's (model.state_dict())."""
-        return {"method": type(self).__name__, "rule": self._rule_name(), "steps": self._steps,
+        return {"method": type(self).__name__, "rule": self._rule_name, "steps": self._steps,
                 "rule_state": copy.deepcopy(self._rule_state),
                 "hyperparameters": self._hyperparameters.state_dict(),
                 "hyper_optimiser": copy.deepcopy(self._hyper_optimiser.state_dict()),
@@ -224,9 +225,9 @@ class TunedOptimiser(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from `state_dict` (from an optimiser of the same class, rule and settings)."""
         saved = (state_dict.get("method"), state_dict.get("rule"))
-        if saved != (type(self).__name__, self._rule_name()):
+        if saved != (type(self).__name__, self._rule_name):
             raise ValueError(f"the state is that of {saved[0]} with rule {saved[1]!r}, not of this "
-                             f"{type(self).__name__} with rule {self._rule_name()!r}")
+                             f"{type(self).__name__} with rule {self._rule_name!r}")
         raw = [leaf.shape for leaf in self._hyperparameters.leaves()]
         if [tuple(leaf.shape) for leaf in state_dict["hyperparameters"]["raw"]] != [tuple(s) for s in raw]:
             raise ValueError("the state tunes other hyperparameters (or another model's per-element lr) than this "

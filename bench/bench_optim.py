@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=40, help="windows of T steps per run (default 40)")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="uci_energy")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}; workload {args.workload}, {args.windows} windows per run, "
+    torch.set_num_threads(1)         # train.py's default for models this small, on either workload
+    print(f"torch {torch.__version__}, 1 thread; workload {args.workload}, {args.windows} windows per run, "
           f"median of {args.repeats}")
     print(f"\n{'algorithm':<24}{'Learner ms/window':>19}{'optimiser ms/window':>21}{'ratio':>8}")
     for algorithm in ALGORITHMS:

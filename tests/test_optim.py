@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 from torch.nn.functional import mse_loss
 
 import config
+import datasets
 import download_and_process_data
 import optim
 import train
@@ -125,75 +126,80 @@ def test_clipped_trajectories_follow_train_py(energy, algorithm):
     assert_same_run(learner, initial, trajectory)
 
 
-def regression(rows: int = 256, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, 5, generator=generator, dtype=torch.float64)
-    y = torch.sin(x[:, :1]) + x[:, 1:2] * x[:, 2:3] + 0.1 * torch.randn(rows, 1, generator=generator,
-                                                                       dtype=torch.float64)
-    return x[: rows * 3 // 4], y[: rows * 3 // 4], x[rows * 3 // 4:], y[rows * 3 // 4:]
+@pytest.fixture(scope="module")
+def data(energy: Path) -> tuple[torch.Tensor, ...]:
+    """UCI Energy's training rows and 64 validation rows (two equal shards), float64."""
+    cfg = config.load_from([str(REPO / "configs/uci_energy.yaml")], overrides=[f"dataset.data_dir={energy}"])
+    splits = datasets.make_splits(cfg.dataset, torch.float64, torch.device("cpu"))
+    return splits.train.inputs, splits.train.targets, splits.validation.inputs[:64], splits.validation.targets[:64]
 
 
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
 
 
-def train_on(rank: int, world_size: int, steps: int, **settings) -> tuple[torch.nn.Module, optim.TunedOptimiser]:
-    """`steps` steps on batches of 32 of `regression()`, this rank's equal shard of each (and of
-    the validation set) in a process of `world_size`."""
-    x, y, xv, yv = regression()
+def train_on(data: tuple[torch.Tensor, ...], steps: int, rank: int = 0, world_size: int = 1,
+             resume: tuple[dict, dict, int] | None = None, **settings) -> tuple[torch.nn.Module, optim.TunedOptimiser]:
+    """`steps` steps on consecutive batches of 32 training rows, this rank's equal shard of each
+    (and of the validation rows) in a process group of `world_size`; or the steps after those that
+    `resume` (model state, optimiser state, steps done) took."""
+    x, y, xv, yv = data
     model = mlp()
-    shard = slice(rank * 64 // world_size, (rank + 1) * 64 // world_size)
+    shard = slice(rank * len(xv) // world_size, (rank + 1) * len(xv) // world_size)
     optimiser = optim.Implicit(model, lambda: mse_loss(model(xv[shard]), yv[shard]), **settings)
-    for step in range(steps):
-        rows = slice(step * 32 % 192, step * 32 % 192 + 32)
-        part = slice(rows.start + rank * 32 // world_size, rows.start + (rank + 1) * 32 // world_size)
+    done = 0
+    if resume is not None:
+        model.load_state_dict(resume[0])
+        optimiser.load_state_dict(resume[1])
+        done = resume[2]
+    for step in range(done, steps):
+        start = step * 32 % (len(x) - 32)
+        part = slice(start + rank * 32 // world_size, start + (rank + 1) * 32 // world_size)
         optimiser.step(lambda part=part: mse_loss(model(x[part]), y[part]))
     return model, optimiser
 
 
-def rank_process(rank: int, world_size: int, folder: str) -> None:
+RANK_RUNS = [dict(gradient_clip=1.0), dict(rule="adam", per_element_lr=True)]
+
+
+def rank_process(rank: int, world_size: int, folder: str, data: tuple[torch.Tensor, ...]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     try:
-        model, optimiser = train_on(rank, world_size, 30, gradient_clip=1.0)
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict()}, f"{folder}/rank{rank}.pt")
+        for run, settings in enumerate(RANK_RUNS):
+            model, optimiser = train_on(data, 30, rank, world_size, **settings)
+            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict()},
+                       f"{folder}/run{run}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path):
-    mp.spawn(rank_process, args=(2, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    model, optimiser = train_on(0, 1, 30, gradient_clip=1.0)
-    one = {"model": model.state_dict(), "optimiser": optimiser.state_dict()}
-    for name, value in one["model"].items():
-        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name])
-        torch.testing.assert_close(ranks[0]["model"][name], value, rtol=1e-10, atol=0)
-    for a, b, c in zip(ranks[0]["optimiser"]["hyperparameters"]["raw"], ranks[1]["optimiser"]["hyperparameters"]["raw"],
-                       one["optimiser"]["hyperparameters"]["raw"], strict=True):
-        assert torch.equal(a, b)
-        torch.testing.assert_close(a, c, rtol=1e-10, atol=0)
-    assert one["optimiser"]["param_groups"][0]["lr"] != pytest.approx(1e-3)       # it tuned
+def test_two_ranks_equal_one_process(tmp_path, data):
+    mp.spawn(rank_process, args=(2, str(tmp_path), data), nprocs=2)
+    for run, settings in enumerate(RANK_RUNS):
+        ranks = [torch.load(tmp_path / f"run{run}-rank{rank}.pt", weights_only=True) for rank in range(2)]
+        model, optimiser = train_on(data, 30, **settings)
+        one = {"model": model.state_dict(), "optimiser": optimiser.state_dict()}
+        for name, value in one["model"].items():
+            assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name])
+            torch.testing.assert_close(ranks[0]["model"][name], value, rtol=1e-10, atol=0)
+        for a, b, c in zip(*(r["optimiser"]["hyperparameters"]["raw"] for r in (*ranks, one)), strict=True):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=0)
+        assert one["optimiser"]["param_groups"][0]["lr"] != pytest.approx(1e-3)       # it tuned
 
 
 @pytest.mark.parametrize("stop", [20, 25])       # after two windows, and in the middle of the third
-def test_state_dict_round_trip_continues_the_same_trajectory(stop):
+def test_state_dict_round_trip_continues_the_same_trajectory(data, stop):
     settings = dict(rule="adam", per_element_lr=True)
-    whole_model, whole = train_on(0, 1, 50, **settings)
-    model, first = train_on(0, 1, stop, **settings)
+    whole_model, whole = train_on(data, 50, **settings)
+    model, first = train_on(data, stop, **settings)
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimiser": first.state_dict()}, saved)
     saved.seek(0)
     state = torch.load(saved, weights_only=True)
-    x, y, xv, yv = regression()
-    model = mlp()
-    model.load_state_dict(state["model"])
-    optimiser = optim.Implicit(model, lambda: mse_loss(model(xv[:64]), yv[:64]), **settings)
-    optimiser.load_state_dict(state["optimiser"])
-    for step in range(stop, 50):
-        rows = slice(step * 32 % 192, step * 32 % 192 + 32)
-        optimiser.step(lambda rows=rows: mse_loss(model(x[rows]), y[rows]))
+    model, optimiser = train_on(data, 50, resume=(state["model"], state["optimiser"], stop), **settings)
     for a, b in zip(model.parameters(), whole_model.parameters(), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(optimiser.state_dict()["hyperparameters"]["raw"], whole.state_dict()["hyperparameters"]["raw"],
@@ -202,20 +208,20 @@ def test_state_dict_round_trip_continues_the_same_trajectory(stop):
     assert optimiser.param_groups[0]["lr"] == whole.param_groups[0]["lr"]
 
 
-def test_the_param_group_shows_the_tuned_values():
-    model, optimiser = train_on(0, 1, 20, rule="adam")
+def test_the_param_group_shows_the_tuned_values(data):
+    model, optimiser = train_on(data, 20, rule="adam")
     raw = optimiser.state_dict()["hyperparameters"]["raw"]      # lr, weight_decay, beta1, beta2
     group = optimiser.param_groups[0]
     assert group["lr"] == pytest.approx(10 ** raw[0].item(), rel=1e-14) and group["lr"] != 1e-3
     assert group["betas"] == pytest.approx((torch.sigmoid(raw[2]).item(), torch.sigmoid(raw[3]).item()), rel=1e-14)
 
 
-def test_a_scheduler_write_moves_the_tuned_lr():
+def test_a_scheduler_write_moves_the_tuned_lr(data):
     """A StepLR halving the lr every step: the tuned lr follows it between hyperparameter steps."""
-    model, optimiser = train_on(0, 1, 10)
+    model, optimiser = train_on(data, 10)
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=1, gamma=0.5)
     before = optimiser.param_groups[0]["lr"]
-    x, y, _, _ = regression()
+    x, y, _, _ = data
     optimiser.step(lambda: mse_loss(model(x[:32]), y[:32]))
     scheduler.step()
     optimiser.step(lambda: mse_loss(model(x[32:64]), y[32:64]))      # takes the halved lr up
@@ -237,8 +243,8 @@ def test_defaults_are_the_papers():
             assert optim.RULES["sgd"].hyperparameters == cfg.tuning.hyperparameters    # what tune=None tunes
 
 
-def test_misuse_is_a_one_line_error():
-    x, y, xv, yv = regression()
+def test_misuse_is_a_one_line_error(data):
+    x, y, xv, yv = data
     model = mlp()
 
     def loss():
@@ -275,12 +281,14 @@ def test_misuse_is_a_one_line_error():
         one_pass.step(loss)
 
 
+@pytest.mark.slow
 def test_the_example_runs():
     result = run_cli("examples/optimiser_loop.py", timeout=300)
     assert result.returncode == 0, result.stderr
     assert "validation loss" in result.stdout and " -> " in result.stdout
 
 
+@pytest.mark.slow
 def test_the_lightning_example_runs():
     pytest.importorskip("lightning")
     result = run_cli("examples/optimiser_lightning.py", timeout=300)
