@@ -142,8 +142,9 @@ class TunedOptimiser(torch.optim.Optimizer):
                     self._hyper_step(step)
         except RuntimeError as error:
             if "backward through the graph a second time" in str(error):
-                raise ValueError("the closure called backward(): return the loss instead, the optimiser "
-                                 "differentiates it itself (the hypergradient needs its graph)") from None
+                raise ValueError("the loss's graph was used before the optimiser differentiated it: the closure "
+                                 "must build the loss afresh at every call and return it without calling "
+                                 "backward() (the optimiser differentiates it itself)") from None
             raise
         self._steps += 1
         return step.outputs.detach()
