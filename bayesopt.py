@@ -23,11 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-import config
-import parallel_exec
-import run_files
-import util
-from config import ConfigError
+from onepass import config, parallel_exec, run_files, util
+from onepass.config import ConfigError
 
 BOUNDS = {"log10_lr": parallel_exec.LOG10_LR, "log10_weight_decay": parallel_exec.LOG10_WEIGHT_DECAY,
           "momentum": (1e-6, 1 - 1e-6)}      # momentum kept inside (0, 1): it is tuned as a logit
@@ -64,7 +61,7 @@ def propose(history: list[tuple[dict, float]], k: int, seed: int, initial: int) 
 def optimise(dataset: str, folder: Path, seed: int, cap: float, initial: int = 5, guided: int = 25,
              extra: tuple[str, ...] = ()) -> list[tuple[dict, float]]:
     """One Bayesian-optimisation sequence in `folder`; returns [(point, capped loss)] in order."""
-    import train
+    from onepass import train
     files = (str(parallel_exec.CONFIGS / f"{dataset}.yaml"), str(parallel_exec.CONFIGS / "Random_Validation.yaml"))
     history: list[tuple[dict, float]] = []
     for k in range(initial + guided):

@@ -17,16 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import config
-import distributed
-import run_files
-import schema
-import util
-from algorithms.weight_update import RULES
-from schema import Config, ConfigError
+from onepass import config, distributed, run_files, schema, util
+from onepass.algorithms.weight_update import RULES
+from onepass.schema import Config, ConfigError
 
 if TYPE_CHECKING:
-    from train import Learner
+    from onepass.train import Learner
 
 
 # Keys a resumed run may change: how long it goes on, where it logs, how it reports. Not the seed: a

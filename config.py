@@ -22,15 +22,12 @@ import types
 import typing
 from typing import Any
 
-import algorithms
-import datasets
-import models
-import util
-from algorithms.hyperparameters import TRANSFORMS
-from algorithms.peers import INSTALL as PEERS_INSTALL
-from algorithms.weight_update import RULES
-from config_files import deep_merge, parse_yaml_value, read_yaml_file, source_of
-from schema import MAX_COUNT, Config, ConfigError, OptimiserConfig, short, short_repr
+from onepass import algorithms, datasets, models, util
+from onepass.algorithms.hyperparameters import TRANSFORMS
+from onepass.algorithms.peers import INSTALL as PEERS_INSTALL
+from onepass.algorithms.weight_update import RULES
+from onepass.config_files import deep_merge, parse_yaml_value, read_yaml_file, source_of
+from onepass.schema import MAX_COUNT, Config, ConfigError, OptimiserConfig, short, short_repr
 
 
 def valid_names(choices: str | tuple[str, ...]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from schema import QUOTE_LENGTH, ConfigError, short, short_repr
+from onepass.schema import QUOTE_LENGTH, ConfigError, short, short_repr
 
 # ---------------------------------------------------------------------------------------------
 # YAML reading

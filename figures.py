@@ -19,8 +19,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-import results_table
-import util
+from onepass import results_table, util
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

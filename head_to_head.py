@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-import results_table
-from results_table import Group
+from onepass import results_table
+from onepass.results_table import Group
 
 # What a report says of the tables `render` makes.
 EXPLAINED = ("Per experiment and dataset: each algorithm's runs, diverged runs, median final test loss and "

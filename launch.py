@@ -31,10 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import config
-import distributed
-import util
-from schema import Config, ConfigError
+from onepass import config, distributed, util
+from onepass.schema import Config, ConfigError
 
 
 class Job(Protocol):

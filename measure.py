@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import datasets
-import distributed
-from schema import ConfigError, short
+from onepass import datasets, distributed
+from onepass.schema import ConfigError, short
 
 EVALUATION_BATCH = 8192   # rows per forward pass when evaluating a whole split
 

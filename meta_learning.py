@@ -33,11 +33,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import distributed
-import launch
-import run_files
-import util
-from schema import Config, ConfigError
+from onepass import distributed, launch, run_files, util
+from onepass.schema import Config, ConfigError
 
 
 class MetaModule(nn.Module):

@@ -22,9 +22,11 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import figures  # noqa: E402
-import meta_learning  # noqa: E402
-import util  # noqa: E402
+from onepass import (
+    figures,  # noqa: E402
+    meta_learning,  # noqa: E402
+    util,  # noqa: E402
+)
 
 REPO = Path(__file__).resolve().parent
 

@@ -40,15 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import config
-import datasets
-import distributed
-import measure
-import models
-import run_files
-import train
-import util
-from schema import REPO_DIR, Config, ConfigError, OptimiserConfig, short_repr
+from onepass import config, datasets, distributed, measure, models, run_files, train, util
+from onepass.schema import REPO_DIR, Config, ConfigError, OptimiserConfig, short_repr
 
 CONFIG_DIR = REPO_DIR / "configs"
 OWN_DATA = "own"        # dataset.name recorded for data passed to `tune` (run group own/<algorithm>)

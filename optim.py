@@ -40,13 +40,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-import distributed
-from algorithms.baydin import BaydinHyperOptimiser
-from algorithms.hyperparameters import Hyperparameters, tag
-from algorithms.implicit import ImplicitHyperOptimiser
-from algorithms.steps import Problem, Step, Weights, weight_step_
-from algorithms.weight_update import RULES, detached
-from schema import Config, OptimiserConfig, TuningConfig
+from onepass import distributed
+from onepass.algorithms.baydin import BaydinHyperOptimiser
+from onepass.algorithms.hyperparameters import Hyperparameters, tag
+from onepass.algorithms.implicit import ImplicitHyperOptimiser
+from onepass.algorithms.steps import Problem, Step, Weights, weight_step_
+from onepass.algorithms.weight_update import RULES, detached
+from onepass.schema import Config, OptimiserConfig, TuningConfig
 
 Closure = Callable[[], torch.Tensor]
 RULE_NAMES = ("sgd", "adam")

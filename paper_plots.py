@@ -25,11 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-import figures
-import head_to_head
-import results_table
-import util
-from schema import ConfigError
+from onepass import figures, head_to_head, results_table, util
+from onepass.schema import ConfigError
 
 ERROR_FLOOR = 1e-7        # relative errors drawn on a log scale: exact agreement shows at this floor
 LR = "Last_Hyperparameter/Lr"
@@ -314,7 +311,7 @@ def proof_of_concept(report: Report, prefix: str, title: str, runs: list[util.Ru
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, WhiteKernel
 
-    import bayesopt
+    from onepass import bayesopt
     tag, label = headline(dataset)
     random = [run for run in runs if run.config["algorithm"] == "Random"]
     ours = [run for run in runs if run.config["algorithm"] == "Ours_LR"]
@@ -363,7 +360,7 @@ def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], oth
     """Best-so-far test value of Bayesian optimisation against its cumulative training time (the
     test value of the run with the best validation objective so far; median over repetitions),
     beside the other algorithms' test curves against elapsed time."""
-    import bayesopt
+    from onepass import bayesopt
     tag, label = headline(dataset)
     by_repetition: dict[str, list[util.Run]] = {}
     for run in sorted(sequences, key=repetition_of):
@@ -401,7 +398,7 @@ def bayesopt_figure(report: Report, dataset: str, sequences: list[util.Run], oth
 
 def meta_scaling_figure(report: Report, runs: dict[str, util.Run]) -> None:
     """The meta-learning scaling figure and table (meta_scaling.py's), from the meta_dataset runs."""
-    import meta_scaling
+    from onepass import meta_scaling
     results: dict[int, list[tuple[int, float, Path]]] = {}
     for run in runs.values():
         accuracy = run.metrics.get("final", {}).get("Meta/Adapted_Accuracy")

@@ -36,13 +36,10 @@ from types import ModuleType
 
 import numpy as np
 
-import config
-import results_table
-import run_files
-import util
-from algorithms.weight_update import RULES
-from config import ConfigError
-from progress import Progress
+from onepass import config, results_table, run_files, util
+from onepass.algorithms.weight_update import RULES
+from onepass.config import ConfigError
+from onepass.progress import Progress
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 FINISHED = ("completed", "diverged")
@@ -192,7 +189,7 @@ def start_afresh(run_dir: Path) -> bool:
 
 def run_job(job: Job, root: Path) -> tuple[str, str]:
     """Run one job in this process; returns (status, run directory). Never raises for a failed run."""
-    import train
+    from onepass import train
     run_dir = job.run_dir(root)
     if not start_afresh(run_dir):
         return RUNNING_ELSEWHERE, str(run_dir)          # another batch on this folder runs it now

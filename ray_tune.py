@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-import config
-import util
-from parallel_exec import CONFIGS, LOG10_LR, LOG10_WEIGHT_DECAY, MOMENTUM, connect_to_ray, import_ray
+from onepass import config, util
+from onepass.parallel_exec import CONFIGS, LOG10_LR, LOG10_WEIGHT_DECAY, MOMENTUM, connect_to_ray, import_ray
 
 if TYPE_CHECKING:
-    import train
+    from onepass import train
 
 SEARCH_RANGES = {"lr": tuple(10**end for end in LOG10_LR), "weight_decay": tuple(10**end for end in LOG10_WEIGHT_DECAY),
                  "momentum": MOMENTUM}
@@ -67,7 +66,7 @@ def continue_from(learner: train.Learner, state: dict) -> None:
     """A PBT trial's start from another trial's checkpoint `state`: that complete state, with the
     hyperparameters moved by the change of the starting values (the state's config to the
     learner's), in the log10/logit space they are tuned in."""
-    import checkpoint
+    from onepass import checkpoint
     checkpoint.load_into(learner, state)
     learner.hyperparameters.shift_({name: state["config"]["optimiser"][name] for name in SEARCH_RANGES},
                                    {name: getattr(learner.cfg.optimiser, name) for name in SEARCH_RANGES})
@@ -82,9 +81,7 @@ def tune_trial(trial: dict, files: tuple[str, ...], extra: tuple[str, ...], chec
 
     import torch
 
-    import checkpoint
-    import run_files
-    import train
+    from onepass import checkpoint, run_files, train
     tune = import_ray("a Ray Tune trial", "ray.tune")
     values = {f"optimiser.{name}": trial[name] for name in SEARCH_RANGES} | {"seed": trial["seed"]}
     cfg = config.load_from(list(files), overrides=[f"{key}={value!r}" for key, value in values.items()]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-import util
+from onepass import util
 
 STATUSES = ("completed", "diverged", "interrupted", "failed", "unfinished", "unreadable")   # the order shown
 # The paper's number: the test loss in target units where the targets were normalised (UCI).

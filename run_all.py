@@ -24,14 +24,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import config
-import head_to_head
-import parallel_exec
-import progress
-import ray_tune
-import results_table
-import util
-from config import ConfigError
+from onepass import config, head_to_head, parallel_exec, progress, ray_tune, results_table, util
+from onepass.config import ConfigError
 
 MAIN = ("Random", "Random_SteppedLR", "Random_Validation", "Lorraine", "Baydin", "Ours_LR", "Ours_LR_Momentum",
         "Ours_HDLR_Momentum", "DiffThroughOpt")
@@ -159,7 +153,7 @@ CALIBRATION_SECONDS = 0.5                 # timed per kind of run, after a warm-
 
 def calibration_key(cfg: config.Config) -> str:
     """What sets a run's pace per weight step: dataset, algorithm, T, and the i or R it uses."""
-    import algorithms
+    from onepass import algorithms
     tuning = cfg.tuning
     optimises = algorithms.METHODS[tuning.method].optimises
     detail = "" if not optimises else f"/i={tuning.rollback_distance}/R={tuning.unroll_steps}"
@@ -171,7 +165,7 @@ def calibrate(cfg: config.Config) -> dict:
     carries one-off costs), then windows until CALIBRATION_SECONDS have been timed. A window
     longer than CALIBRATION_STEPS is measured at that length (with as many unrolled steps) and
     scaled: unrolled memory grows with the length, so such estimates are lower bounds."""
-    import train
+    from onepass import train
     steps = min(cfg.network_weight_steps, CALIBRATION_STEPS)
     unroll = None if cfg.tuning.unroll_steps is None else min(cfg.tuning.unroll_steps, steps)
     short = replace(cfg, network_weight_steps=steps, hyperparameter_steps=1,
@@ -415,7 +409,7 @@ def run_tune(name: str, experiment: Experiment, args: argparse.Namespace) -> Non
 
 
 def run_bayesopt(name: str, experiment: Experiment, args: argparse.Namespace) -> None:
-    import bayesopt
+    from onepass import bayesopt
     repetitions = min(args.reps or experiment.repetitions, experiment.repetitions)
     for dataset in experiment.datasets:
         best = bayesopt.run_repetitions(dataset, args.results / name, repetitions, args.workers,

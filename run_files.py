@@ -24,11 +24,9 @@ import torch
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-import config
-import distributed
-import util
-from schema import Config, ConfigError, short_repr
-from util import EVENTS_PREFIX
+from onepass import config, distributed, util
+from onepass.schema import Config, ConfigError, short_repr
+from onepass.util import EVENTS_PREFIX
 
 
 def make_run_dir(log_root: str, group: str, name: str | None) -> Path:

@@ -25,21 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import algorithms
-import checkpoint
-import datasets
-import distributed
-import launch
-import measure
-import models
-import run_files
-import util
-from algorithms.hyperparameters import Hyperparameters
-from algorithms.hyperparameters import tag as hyperparameter_tag
-from algorithms.steps import Problem, Step
-from algorithms.weight_update import RULES, clip_gradient_norm, detached
-from config import Config, ConfigError
-from progress import Progress
+from onepass import algorithms, checkpoint, datasets, distributed, launch, measure, models, run_files, util
+from onepass.algorithms.hyperparameters import Hyperparameters
+from onepass.algorithms.hyperparameters import tag as hyperparameter_tag
+from onepass.algorithms.steps import Problem, Step
+from onepass.algorithms.weight_update import RULES, clip_gradient_norm, detached
+from onepass.config import Config, ConfigError
+from onepass.progress import Progress
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 from tensorboard.compat.proto.event_pb2 import Event
 
-from schema import Config, ConfigError, short
+from onepass.schema import Config, ConfigError, short
 
 
 class ArgumentParser(argparse.ArgumentParser):

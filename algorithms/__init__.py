@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from algorithms.base import HyperOptimiser
-from algorithms.baydin import BaydinHyperOptimiser
-from algorithms.implicit import ImplicitHyperOptimiser
-from algorithms.unrolled import UnrolledHyperOptimiser
+from onepass.algorithms.base import HyperOptimiser
+from onepass.algorithms.baydin import BaydinHyperOptimiser
+from onepass.algorithms.implicit import ImplicitHyperOptimiser
+from onepass.algorithms.unrolled import UnrolledHyperOptimiser
 
 if TYPE_CHECKING:
-    from algorithms.hyperparameters import Hyperparameters
-    from algorithms.steps import Problem, Weights
-    from schema import TuningConfig
+    from onepass.algorithms.hyperparameters import Hyperparameters
+    from onepass.algorithms.steps import Problem, Weights
+    from onepass.schema import TuningConfig
 
 METHODS: dict[str, type[HyperOptimiser]] = {
     "fixed": HyperOptimiser,

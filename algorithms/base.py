@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms.hyperparameters import Hyperparameters
-from algorithms.steps import Problem, Step, Weights
-from algorithms.weight_update import RULES
+from onepass.algorithms.hyperparameters import Hyperparameters
+from onepass.algorithms.steps import Problem, Step, Weights
+from onepass.algorithms.weight_update import RULES
 
 if TYPE_CHECKING:
-    from datasets import Batch
-    from schema import TuningConfig
+    from onepass.datasets import Batch
+    from onepass.schema import TuningConfig
 
 
 class HyperOptimiser:

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms.base import GradientHyperOptimiser
-from algorithms.steps import Step, loss_gradient
-from schema import ConfigError
+from onepass.algorithms.base import GradientHyperOptimiser
+from onepass.algorithms.steps import Step, loss_gradient
+from onepass.schema import ConfigError
 
 if TYPE_CHECKING:
-    from datasets import Batch
-    from schema import TuningConfig
+    from onepass.datasets import Batch
+    from onepass.schema import TuningConfig
 
 
 class BaydinHyperOptimiser(GradientHyperOptimiser):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from schema import OptimiserConfig, TuningConfig
+    from onepass.schema import OptimiserConfig, TuningConfig
 
 # name -> (natural -> raw, raw -> natural), on tensors.
 _LOG10 = (torch.log10, lambda raw: torch.pow(10.0, raw))

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms.base import GradientHyperOptimiser
-from algorithms.hyperparameters import Hyperparameters
-from algorithms.steps import Problem, Step, Weights, loss_gradient, neumann_hypergradient, weight_step
+from onepass.algorithms.base import GradientHyperOptimiser
+from onepass.algorithms.hyperparameters import Hyperparameters
+from onepass.algorithms.steps import Problem, Step, Weights, loss_gradient, neumann_hypergradient, weight_step
 
 if TYPE_CHECKING:
-    from datasets import Batch
-    from schema import TuningConfig
+    from onepass.datasets import Batch
+    from onepass.schema import TuningConfig
 
 
 class ImplicitHyperOptimiser(GradientHyperOptimiser):

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import distributed
-from algorithms.weight_update import Hyper, clip_gradient_norm
+from onepass import distributed
+from onepass.algorithms.weight_update import Hyper, clip_gradient_norm
 
 if TYPE_CHECKING:
-    from datasets import Batch
+    from onepass.datasets import Batch
 
 Weights = list[torch.Tensor]
 # (weights, batch) -> (outputs, this rank's share of the batch's mean loss): the sum over ranks of

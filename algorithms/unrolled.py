@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from algorithms.base import GradientHyperOptimiser
-from algorithms.hyperparameters import Hyperparameters
-from algorithms.steps import Problem, Step, Weights, unrolled_hypergradient, weight_step
-from schema import ConfigError
+from onepass.algorithms.base import GradientHyperOptimiser
+from onepass.algorithms.hyperparameters import Hyperparameters
+from onepass.algorithms.steps import Problem, Step, Weights, unrolled_hypergradient, weight_step
+from onepass.schema import ConfigError
 
 if TYPE_CHECKING:
-    from datasets import Batch
-    from schema import TuningConfig
+    from onepass.datasets import Batch
+    from onepass.schema import TuningConfig
 
 
 class UnrolledHyperOptimiser(GradientHyperOptimiser):

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from algorithms.peers import PEERS
+from onepass.algorithms.peers import PEERS
 
 Tensors = list[torch.Tensor]
 Hyper = float | torch.Tensor | Tensors      # scalar, or one tensor per parameter

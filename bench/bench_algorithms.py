@@ -25,12 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-import config  # noqa: E402
-import datasets  # noqa: E402
-import models  # noqa: E402
-import run_files  # noqa: E402
-import train  # noqa: E402
-from algorithms.peers import PEERS  # noqa: E402
+from onepass import config, datasets, models, run_files, train
+from onepass.algorithms.peers import PEERS
 
 TARGETS = {"Ours_LR": 1.5, "Ours_LR_Momentum": 1.5, "Lorraine": 1.5, "DiffThroughOpt": 3.0,
            "Ours_HDLR_Momentum": 2.0, "Baydin": None}

@@ -24,11 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-import config  # noqa: E402
-import models  # noqa: E402
-import run_files  # noqa: E402
-import train  # noqa: E402
-from config import Config  # noqa: E402
+from onepass import config, models, run_files, train
+from onepass.config import Config
 
 CONFIG_FILES = [REPO / "configs" / "uci_energy.yaml", REPO / "configs" / "Random.yaml"]
 TARGET_RATIO = 1.20

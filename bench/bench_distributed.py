@@ -25,10 +25,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-from bench_algorithms import fashion_mnist_sized_setup  # noqa: E402
+from bench_algorithms import fashion_mnist_sized_setup
 
-import distributed  # noqa: E402
-import train  # noqa: E402
+from onepass import distributed, train
 
 WINDOWS = 100
 

@@ -21,8 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-import train  # noqa: E402
-import util  # noqa: E402
+from onepass import train, util
 
 
 def main(argv: list[str] | None = None) -> int:

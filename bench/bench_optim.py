@@ -23,9 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-import optim  # noqa: E402
-import train  # noqa: E402
-from bench.bench_algorithms import WORKLOADS  # noqa: E402
+from bench.bench_algorithms import WORKLOADS
+from onepass import optim, train
 
 ALGORITHMS = ["Ours_LR_Momentum", "Ours_Adam_LR_WD_Betas", "Baydin"]
 TARGET = 1.1

@@ -28,16 +28,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-import config  # noqa: E402
-import download_and_process_data  # noqa: E402
-import train  # noqa: E402
+from onepass import config, download_and_process_data, train
 
 ALGORITHMS = ["Random", "Ours_LR_Momentum"]
 WORKLOADS = ["fashion_mnist", "cifar10", "penn_treebank"]
 PEAK_MEMORY = """
 import resource, sys
 sys.path.insert(0, {repo!r})
-import config, train
+from onepass import config, train
 train.train(config.load_from({files!r}, overrides={overrides!r}))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -34,10 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, Python puts bench/ (not the repo root) on sys.path
 
-import config  # noqa: E402
-import distributed  # noqa: E402
-import train  # noqa: E402
-from bench import bench_workloads  # noqa: E402
+from bench import bench_workloads
+from onepass import config, distributed, train
 
 ALGORITHMS = ["Random", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum", "Lorraine", "Baydin", "Baydin_Exact",
               "DiffThroughOpt"]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # the repository's modules
-import optim  # noqa: E402
+from onepass import optim
 
 
 class Regressor(L.LightningModule):

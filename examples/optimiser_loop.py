@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # the repository's modules
-import optim  # noqa: E402
+from onepass import optim
 
 torch.manual_seed(0)
 x = torch.randn(1200, 5)

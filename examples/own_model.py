@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # the repository's modules
-import onepass  # noqa: E402
+import onepass
 
 
 class Net(nn.Module):

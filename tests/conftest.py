@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import download_and_process_data
+from onepass import download_and_process_data
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

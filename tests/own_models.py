@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from schema import ModelConfig
+from onepass.schema import ModelConfig
 
 NOT_CALLABLE = 3
 calls: list[tuple] = []     # the arguments of every call, in this process

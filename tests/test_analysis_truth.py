@@ -12,13 +12,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-import checkpoint
-import config
-import ray_tune
-import results_table
-import run_files
-import train
-import util
+from onepass import checkpoint, config, ray_tune, results_table, run_files, train, util
 from tests.conftest import REPO, run_cli
 
 CONFIGS = REPO / "configs"

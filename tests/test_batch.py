@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import parallel_exec
-import progress
-import ray_tune
-import run_all
-import run_files
+from onepass import parallel_exec, progress, ray_tune, run_all, run_files
 from tests.conftest import REPO
 
 SHORT = ("hyperparameter_steps=5", "model.layer_sizes=[10, 8, 1]", "batch_size=64")
@@ -151,7 +147,7 @@ def test_list_estimates_from_a_calibration_that_calibrate_stores(tmp_path, data_
 
 
 def test_bayesopt_proposes_within_the_ranges_and_resumes_exactly(tmp_path):
-    import bayesopt
+    from onepass import bayesopt
     folder = tmp_path / "sequence"
     first = bayesopt.optimise("diabetes", folder, seed=0, cap=10.0, initial=2, guided=3, extra=SHORT)
     assert len(first) == 5 and sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["00", "01", "02", "03",
@@ -171,7 +167,7 @@ def test_bayesopt_proposes_within_the_ranges_and_resumes_exactly(tmp_path):
 
 
 def test_bayesopt_counts_a_diverged_run_as_the_cap(tmp_path):
-    import bayesopt
+    from onepass import bayesopt
     history = bayesopt.optimise("diabetes", tmp_path, seed=0, cap=123.0, initial=1, guided=1,
                                 extra=(*SHORT, "optimiser.lr=1e6"))      # every run diverges
     assert [loss for _, loss in history] == [123.0, 123.0]

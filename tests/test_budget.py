@@ -6,9 +6,8 @@ from collections import defaultdict
 
 import pytest
 
-import parallel_exec
-import run_all
-from schema import ConfigError
+from onepass import parallel_exec, run_all
+from onepass.schema import ConfigError
 from tests.conftest import run_cli
 
 # The peers study runs once the peer optimisers' configs are in the checkout; until then it is skipped.
@@ -54,7 +53,7 @@ def test_a_set_of_steps_gives_every_algorithm_the_same_budget_or_is_refused(name
 
 
 def test_baydin_takes_a_hyperparameter_step_after_every_weight_step_of_the_same_budget():
-    import config
+    from onepass import config
     cfg = config.load_from(["configs/fashion_mnist.yaml", "configs/Baydin.yaml"], overrides=["hyperparameter_steps=20"])
     assert (cfg.network_weight_steps, cfg.hyperparameter_steps) == (1, 200)
 

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import download_and_process_data
-import train
-import util
+from onepass import download_and_process_data, train, util
 from tests.conftest import REPO
 
 

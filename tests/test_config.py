@@ -5,11 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import config
-import datasets
-import measure
-import train
-from config import ConfigError
+from onepass import config, datasets, measure, train
+from onepass.config import ConfigError
 from tests.conftest import REPO, run_cli
 
 

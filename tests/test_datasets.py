@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import datasets
-import distributed
-import download_and_process_data
-from schema import DatasetConfig
+from onepass import datasets, distributed, download_and_process_data
+from onepass.schema import DatasetConfig
 
 # The original's split sizes: (train+val, test) and (train, validation) at the shipped proportion.
 EXPECTED_SIZES = {

@@ -7,10 +7,8 @@ import datetime
 import pytest
 import torch
 
-import config
-import distributed
-import launch
-from config import ConfigError
+from onepass import config, distributed, launch
+from onepass.config import ConfigError
 from tests.conftest import REPO, run_cli
 
 

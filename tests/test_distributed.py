@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import util
+from onepass import util
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_n_ranks_end_where_one_rank_ends(algorithm, nproc, tmp_path):
 
 FAILING_DRIVER = '''
 import sys
-import train
+from onepass import train
 
 original = train.Learner.train_step
 
@@ -96,8 +96,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-import algorithms
-import train
+from onepass import algorithms
+from onepass import train
 
 
 def same_on_every_rank(tensors, what):

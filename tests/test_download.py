@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import download_and_process_data
+from onepass import download_and_process_data
 from tests.conftest import run_cli
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

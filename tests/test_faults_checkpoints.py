@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import run_files
-import train
-from schema import ConfigError
+from onepass import config, run_files, train
+from onepass.schema import ConfigError
 from tests.conftest import REPO
 
 

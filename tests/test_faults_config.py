@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import config
-import run_files
-import train
-from config import ConfigError
+from onepass import config, run_files, train
+from onepass.config import ConfigError
 from tests.conftest import REPO, run_cli
 
 DIABETES = str(REPO / "configs/diabetes.yaml")

@@ -145,7 +145,7 @@ def test_a_stopped_rank_is_named_as_hung_not_by_the_launchers_signal(tmp_path):
 LATE_RANK_2 = '''
 import time
 
-import train
+from onepass import train
 
 late = train.Learner.train_step
 

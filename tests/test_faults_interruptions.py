@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import parallel_exec
-import train
-import util
+from onepass import parallel_exec, train, util
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -87,8 +85,8 @@ ONE_RANK_LOOKS = '''
 import os
 import sys
 
-import launch
-import train
+from onepass import launch
+from onepass import train
 
 original = launch.launcher_stop
 
@@ -161,7 +159,7 @@ def test_a_corrupt_run_is_skipped_with_a_warning_naming_its_file(tmp_path, capsy
     assert str(results / "bad_cache" / util.CACHE_NAME) in err
     assert len(err.splitlines()) == 3, err
 
-    import paper_plots
+    from onepass import paper_plots
     assert paper_plots.main([str(results), "--out", str(tmp_path / "paper")]) == 0
     report = (tmp_path / "paper" / "report.md").read_text()
     assert f"the run {results / 'bad_metrics'}" in report and f"the run {results / 'bad_events'}" in report
@@ -215,7 +213,7 @@ import signal
 import sys
 import time
 
-import train
+from onepass import train
 
 original = train.Learner.train_step
 
@@ -303,9 +301,9 @@ import os
 import signal
 import sys
 
-import parallel_exec
-import train
-import launch
+from onepass import parallel_exec
+from onepass import train
+from onepass import launch
 
 original = train.train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import util
+from onepass import util
 from tests.conftest import REPO, run_cli
 from tests.test_results import write_main_experiment
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import head_to_head
+from onepass import head_to_head
 from tests.conftest import run_cli
 
 

@@ -18,9 +18,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import config
-import train
-from algorithms.steps import Step
+from onepass import config, train
+from onepass.algorithms.steps import Step
 from tests.conftest import REPO, TEST_DEVICE
 
 

@@ -33,8 +33,7 @@ import pytest
 import torch
 from torch import nn
 
-import config
-import train
+from onepass import config, train
 from tests.conftest import REPO, TEST_DEVICE
 
 WINDOWS, STEPS, TERMS, UNROLLED = 3, 10, 5, 5    # H, T, i, R

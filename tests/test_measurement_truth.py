@@ -15,13 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import algorithms
-import config
-import datasets
-import measure
-import train
-import util
-from algorithms.implicit import ImplicitHyperOptimiser
+from onepass import algorithms, config, datasets, measure, train, util
+from onepass.algorithms.implicit import ImplicitHyperOptimiser
 from tests import test_loop_ground_truth as loop
 from tests.conftest import REPO, run_cli
 

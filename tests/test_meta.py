@@ -8,10 +8,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
-import distributed
-import launch
-import meta_learning
-import meta_scaling
+from onepass import distributed, launch, meta_learning, meta_scaling
 from tests.conftest import run_cli
 
 DTYPE = torch.float64

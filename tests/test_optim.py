@@ -36,11 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.functional import mse_loss
 
-import config
-import datasets
-import download_and_process_data
-import optim
-import train
+from onepass import config, datasets, download_and_process_data, optim, train
 from tests.conftest import REPO, run_cli
 
 STEPS, WINDOWS = 10, 4

@@ -10,13 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import config
-import datasets
-import measure
-import models
 import onepass
-import train
-from schema import ConfigError, ModelConfig
+from onepass import config, datasets, measure, models, train
+from onepass.schema import ConfigError, ModelConfig
 from tests import own_models
 from tests.conftest import run_cli
 

@@ -13,10 +13,9 @@ import math
 import pytest
 import torch
 
-import config
-import train
-from algorithms.peers import PEERS
-from config import ConfigError
+from onepass import config, train
+from onepass.algorithms.peers import PEERS
+from onepass.config import ConfigError
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.skipif(not all(rule.available() for rule in PEERS.values()),

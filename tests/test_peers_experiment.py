@@ -9,9 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-import parallel_exec
-import run_all
-from algorithms.weight_update import RULES
+from onepass import parallel_exec, run_all
+from onepass.algorithms.weight_update import RULES
 
 PEERS = run_all.EXPERIMENTS["peers"]
 BASELINES = ("Random", "Ours_LR_Momentum")          # the peers' algorithms whose configs exist everywhere

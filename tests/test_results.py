@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import results_table
-import run_files
-import train
-import util
+from onepass import results_table, run_files, train, util
 from tests.conftest import REPO
 
 
@@ -96,7 +93,7 @@ def test_histogram_values_round_trip_through_the_cache(logged_run):
 
 
 def test_bootstrap_standard_error_matches_the_direct_computation():
-    import figures
+    from onepass import figures
     values = np.random.default_rng(1).normal(3.0, 2.0, 400)
     direct = values.std() / np.sqrt(len(values))                     # the standard error of the mean
     got = figures.bootstrap_standard_error(values, np.mean, samples=20_000)
@@ -115,7 +112,7 @@ def test_bootstrap_standard_error_matches_the_direct_computation():
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")           # numpy's, on the slices with no value
 def test_nanmedian_is_numpys():
-    import figures
+    from onepass import figures
     values = np.random.default_rng(2).normal(size=(50, 7, 40))
     values[np.random.default_rng(3).random(values.shape) < 0.4] = np.nan
     values[:, :, 0], values[:, 0, 1], values[:, 1, 1] = np.nan, np.inf, -np.inf
@@ -123,14 +120,14 @@ def test_nanmedian_is_numpys():
 
 
 def test_summary_excludes_and_counts_diverged_runs():
-    import figures
+    from onepass import figures
     summary = figures.summarise(np.array([1.0, 2.0, 3.0, np.nan, np.inf, 500.0]), threshold=100.0)
     assert (summary.runs, summary.diverged, summary.mean, summary.median, summary.best) == (3, 3, 2.0, 2.0, 1.0)
     assert summary.mean_se > 0 and summary.median_se > 0
 
 
 def test_three_batching_keeps_the_best_validation_run_of_each_triple():
-    import figures
+    from onepass import figures
     test = np.arange(9, dtype=float) * 10
     validation = np.array([5, 4, 3, 2, 1, 0, 9, np.nan, 7], dtype=float)
     chosen = figures.three_batched(test, validation, seed=0)
@@ -193,8 +190,7 @@ def write_studies(root) -> None:
 
 def run_paper_plots(root, out) -> dict:
     """paper_plots.main on `root` into `out`: {name: figure} of every figure saved."""
-    import figures
-    import paper_plots
+    from onepass import figures, paper_plots
     saved, save = {}, figures.save
 
     def keeping_save(figure, path):
@@ -278,7 +274,7 @@ def markdown_rows(report: str) -> dict[str, list[str]]:
 
 
 def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path, capsys):
-    import paper_plots
+    from onepass import paper_plots
     write_main_experiment(tmp_path / "results", MAIN_FINALS)
     assert paper_plots.main([str(tmp_path / "results"), "--out", str(tmp_path / "paper")]) == 0
     out = tmp_path / "paper"
@@ -301,7 +297,7 @@ def test_paper_plots_writes_the_table_and_figures_of_a_main_experiment(tmp_path,
 
 
 def test_paper_plots_says_what_it_could_not_make(tmp_path, capsys):
-    import paper_plots
+    from onepass import paper_plots
     (tmp_path / "empty").mkdir()
     assert paper_plots.main([str(tmp_path / "empty")]) == 0
     report = (tmp_path / "empty" / "paper" / "report.md").read_text()
@@ -393,7 +389,7 @@ def test_degenerate_figures_are_skipped_with_the_reason(tmp_path):
 
 
 def test_an_experiment_named_after_its_dataset_names_the_dataset_once(tmp_path):
-    import paper_plots
+    from onepass import paper_plots
     write_main_experiment(tmp_path / "results", {"Random": [2.0, 1.0], "Ours_LR_Momentum": [0.5, 0.25]},
                           experiment="uci_energy")
     assert paper_plots.main([str(tmp_path / "results"), "--out", str(tmp_path / "paper")]) == 0
@@ -414,7 +410,7 @@ def scalar(steps, values, seconds=None) -> util.Scalar:
 
 def test_an_envelope_ends_where_the_first_of_its_runs_ends():
     """A median over runs that drops the shorter run once it ends would jump: the line stops there."""
-    import figures
+    from onepass import figures
     tag = "Unnormalised_Loss/Test"
     runs = [util.Run(Path(name), {"algorithm": "Random"}, {"status": "completed"},
                      {tag: scalar(range(end + 1), np.linspace(5.0, 1.0, end + 1), seconds=range(end + 1))})
@@ -430,7 +426,7 @@ def test_an_envelope_ends_where_the_first_of_its_runs_ends():
 
 def test_learning_rates_of_runs_with_other_window_lengths_share_the_weight_step_axis():
     """Ours' 5 windows of T = 10 weight steps and Baydin's 50 one-step windows span the same 50 steps."""
-    import figures
+    from onepass import figures
     tag = "Last_Hyperparameter/Lr"
     runs = [util.Run(Path(name), {"algorithm": name, "network_weight_steps": steps}, {"status": "completed"},
                      {tag: scalar(range(windows), np.geomspace(1e-3, 1e-2, windows))})

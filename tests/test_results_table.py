@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import results_table
+from onepass import results_table
 from tests.conftest import run_cli
 
 

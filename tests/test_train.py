@@ -8,12 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import measure
-import progress
-import run_files
-import train
-import util
+from onepass import config, measure, progress, run_files, train, util
 from tests.conftest import REPO, run_cli
 
 

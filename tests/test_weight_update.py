@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from algorithms.weight_update import RULES
+from onepass.algorithms.weight_update import RULES
 
 SGD_GRID = [dict(lr=lr, momentum=m, weight_decay=wd) for lr, m, wd in
             itertools.product([0.1, 0.01], [0.0, 0.9], [0.0, 1e-2])]

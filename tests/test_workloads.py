@@ -10,12 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import datasets
-import measure
-import models
-import train
-import util
+from onepass import config, datasets, measure, models, train, util
 from tests.conftest import REPO
 from tests.test_train import ALGORITHM_CONFIGS
 
@@ -170,7 +165,7 @@ def test_gradient_clipping_matches_torch_clip_grad_norm():
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         torch.nn.utils.clip_grad_norm_(params, max_norm)
-        from algorithms.weight_update import clip_gradient_norm
+        from onepass.algorithms.weight_update import clip_gradient_norm
         for got, p in zip(clip_gradient_norm(grads, max_norm), params, strict=True):
             torch.testing.assert_close(got, p.grad, rtol=1e-15, atol=0)
 
