@@ -81,6 +81,16 @@ def weight_step(problem: Problem, weights: Weights, rule_state: dict, hyperparam
     return Step(weights, new_weights, new_state, outputs, loss, gradient)
 
 
+def weight_step_(problem: Problem, params: Weights, rule_state: dict, hyperparameters: dict, batch: Batch) -> Step:
+    """An untracked weight step, in place and without a graph (the fast path of every step no
+    hypergradient differentiates): the global loss gradient, clipped when configured, then the
+    rule's foreach update of `params` and `rule_state`."""
+    outputs, loss = problem.training_loss(params, batch)
+    gradient = problem.sum_(list(torch.autograd.grad(loss, params)))
+    problem.rule.update_(params, clip_gradient_norm(gradient, problem.gradient_clip), rule_state, hyperparameters)
+    return Step(params, params, rule_state, outputs, loss, gradient)   # (one list: in place)
+
+
 def gradient_or_zeros(output: torch.Tensor | Weights, inputs: Weights, grad_outputs: Weights | None = None
                       ) -> Weights:
     """d output / d inputs, zeros where an input does not reach the output."""
