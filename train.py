@@ -28,8 +28,8 @@ from torch import nn
 from onepass import algorithms, checkpoint, datasets, distributed, launch, measure, models, run_files, util
 from onepass.algorithms.hyperparameters import Hyperparameters
 from onepass.algorithms.hyperparameters import tag as hyperparameter_tag
-from onepass.algorithms.steps import Problem, Step
-from onepass.algorithms.weight_update import RULES, clip_gradient_norm, detached
+from onepass.algorithms.steps import Problem, Step, weight_step_
+from onepass.algorithms.weight_update import RULES, detached
 from onepass.config import Config, ConfigError
 from onepass.progress import Progress
 
@@ -182,13 +182,8 @@ class Learner:
         self.record = Record(log, cfg.network_weight_steps, cfg.log_every)
 
     def fast_step(self, batch: datasets.Batch) -> Step:
-        """An untracked step, in place: the gradient summed over ranks (clipped when configured),
-        then the rule's foreach update."""
-        outputs, loss = self.problem.training_loss(self.params, batch)
-        gradient = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), self.context)
-        clipped = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)
-        self.rule.update_(self.params, clipped, self.rule_state, self.fast_hyperparameters)
-        return Step(self.params, self.params, self.rule_state, outputs, loss, gradient)   # (one list: in place)
+        """An untracked step, in place (as the drop-in optimiser's, optim.py)."""
+        return weight_step_(self.problem, self.params, self.rule_state, self.fast_hyperparameters, batch)
 
     def train_step(self, take_step: Callable[[datasets.Batch], Step]) -> tuple[Step, datasets.Batch]:
         """`take_step` on the next training batch, in training mode."""

@@ -146,13 +146,11 @@ MEASUREMENT_MUTATIONS: tuple[Mutation, ...] = (
     Mutation("hyper_stream_like_training", "the hypergradient's batches seeded like the training batches",
              "datasets.py", (('"hyper": 3', '"hyper": 1'),),
              (f"{MEASUREMENT}::test_the_hypergradient_batches_are_drawn_apart_from_the_training_batches",)),
-    Mutation("clip_per_shard", "each rank clipping its shard's gradient before the cross-rank sum", "train.py",
-             (("        gradient = distributed.all_reduce_(list(torch.autograd.grad(loss, self.params)), "
-               "self.context)\n"
-               "        clipped = clip_gradient_norm(gradient, self.cfg.optimiser.gradient_clip)\n",
-               "        local = clip_gradient_norm(list(torch.autograd.grad(loss, self.params)), "
-               "self.cfg.optimiser.gradient_clip)\n"
-               "        gradient = clipped = distributed.all_reduce_(local, self.context)\n"),),
+    Mutation("clip_per_shard", "each rank clipping its shard's gradient before the cross-rank sum",
+             "algorithms/steps.py",
+             (("    gradient = problem.sum_(list(torch.autograd.grad(loss, params)))\n",
+               "    gradient = problem.sum_(clip_gradient_norm(list(torch.autograd.grad(loss, params)), "
+               "problem.gradient_clip))\n"),),
              (DDP_MEASURED,)),
     Mutation("accuracy_unweighted_shards", "accuracy averaged over ranks without weighting by shard size",
              "measure.py", (("correct.mean() * batch.fraction", "correct.mean() / self.context.world_size"),),

@@ -158,7 +158,10 @@ PAPER_TERMS, PAPER_T, PAPER_BOUNDS = 5, 10, (1e-10, 1.0)
 OURS = {"Ours_LR": ({"lr", "weight_decay"}, ()), "Ours_LR_Momentum": ({"lr", "weight_decay", "momentum"}, ()),
         "Ours_HDLR_Momentum": ({"lr", "weight_decay", "momentum"}, ("lr",)),
         "Ours_Adam_LR_WD": ({"lr", "weight_decay"}, ()), "Ours_HDLR_Adam": ({"lr", "weight_decay"}, ("lr",)),
-        "Ours_Adam_LR_WD_Betas": ({"lr", "weight_decay", "beta1", "beta2"}, ())}
+        "Ours_Adam_LR_WD_Betas": ({"lr", "weight_decay", "beta1", "beta2"}, ()),
+        "Ours_Adam_LR_WD_Betas_AllRows": ({"lr", "weight_decay", "beta1", "beta2"}, ())}
+# Trained on every row, with the hypergradient on training batches (as the peers study's peers train).
+ALL_ROWS = {"Ours_Adam_LR_WD_Betas_AllRows"}
 PAPER_DATASETS = [*(f"uci_{name}" for name in ("boston", "concrete", "energy", "kin8nm", "naval", "power", "wine",
                                                "yacht")), "fashion_mnist", "fashion_mnist_BatchNorm", "cifar10",
                   "penn_treebank"]
@@ -178,7 +181,9 @@ def test_the_shipped_ours_configs_are_the_papers_settings():
             assert (cfg.tuning.optimiser, cfg.tuning.lr) == ("adam", 0.05), where
             assert tuple(cfg.optimiser.lr_bounds) == PAPER_BOUNDS, where
             assert (set(cfg.tuning.hyperparameters), tuple(cfg.tuning.high_dimensional)) == OURS[name], where
-            assert cfg.tuning.validation_data == "validation", where
+            all_rows = name in ALL_ROWS
+            assert cfg.tuning.validation_data == ("training" if all_rows else "validation"), where
+            assert (cfg.dataset.validation_proportion == 0) == all_rows, where
 
 
 @pytest.mark.parametrize("overrides,terms", [(("tuning.rollback_distance=2",), 2), ((), PAPER_TERMS)],
