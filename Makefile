@@ -7,7 +7,7 @@ RAY_STAMP := $(VENV)/.synced-ray
 PEERS_STAMP := $(VENV)/.synced-peers
 PIPENV := PIPENV_VENV_IN_PROJECT=1 PIPENV_NOSPIN=1 PIPENV_YES=1 $(PYTHON) -m pipenv
 
-.PHONY: quickstart test mutation-check lint data bench ray peers
+.PHONY: quickstart test mutation-check lint data bench ray peers lightning
 
 # Install exactly what Pipfile.lock pins (torch 2.13.0, CPU build) into ./.venv: the packages and
 # dev-packages categories, not the optional [ray] and [peers] ones; then this repository itself,
@@ -29,6 +29,14 @@ $(RAY_STAMP): $(STAMP)
 peers: $(PEERS_STAMP)
 $(PEERS_STAMP): $(STAMP)
 	$(PIPENV) sync --categories peers
+	touch $@
+
+# Optional: Lightning, for examples/optimiser_lightning.py (the drop-in optimiser under manual
+# optimisation) and its test; pinned here and in pyproject's [lightning] extra, on the pinned torch.
+LIGHTNING_STAMP := $(VENV)/.synced-lightning
+lightning: $(LIGHTNING_STAMP)
+$(LIGHTNING_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 lightning==2.6.6
 	touch $@
 
 quickstart: $(STAMP)
