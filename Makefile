@@ -68,3 +68,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_batch.py
 	$(PY) bench/bench_get_tags.py
 	$(PY) bench/bench_threads.py
+	$(PY) bench/bench_optim.py
