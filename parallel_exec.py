@@ -175,6 +175,10 @@ def make_jobs(datasets: list[str], algorithms: list[str], points: list[dict | tu
     """Every point for every dataset and algorithm; a point may carry its own subgroup name. A
     point's value for an optimiser setting the algorithm's rule does not have is left out (see
     `unused_settings`): one draw of lr, weight decay and momentum serves SGD and Adam alike."""
+    if any(item.partition("=")[0].strip() == "dataset.name" for item in extra):
+        raise ConfigError("--set dataset.name: name the datasets themselves (parallel_exec.py -d NAME, run_all.py "
+                          "--datasets NAME; a registered name or module.path:factory), so that each run is grouped "
+                          "under the data it trained on")
     jobs = []
     for dataset in datasets:
         base, named = dataset_configs(dataset)

@@ -4,6 +4,7 @@
     python run_all.py --calibrate                     # measure this machine's pace for --list
     python run_all.py uci_energy --reps 5             # a quick look: 5 initialisations instead of 200
     python run_all.py fashion_mnist --workers 2 --set hyperparameter_steps=100
+    python run_all.py peers --datasets mydata:load --reps 5 --set model.layer_sizes=[5,50,1]   # data of your own
     python run_all.py --parse runs/paper              # what a results folder holds
     python run_all.py --parse runs/paper --head-to-head   # and which algorithm wins from the same draws
 
@@ -348,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=config.positive_int, default=os.cpu_count() or 1,
                         help="processes (default: cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisations (default 0)")
+    parser.add_argument("--datasets", nargs="+", metavar="NAME",
+                        help="run the experiment's algorithms and draws on these datasets instead of its own: "
+                             "registered names or data of your own as module.path:factory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py override for every run (e.g. hyperparameter_steps=50)")
     args = parser.parse_args(argv)
@@ -378,6 +382,8 @@ def run(args: argparse.Namespace) -> int:
         print_results(args.parse, args.head_to_head)
         return 0
     experiment = EXPERIMENTS[args.experiment]
+    if args.datasets:
+        experiment = on_datasets(args.experiment, experiment, args.datasets)
     if experiment.runner == "bayesopt":
         run_bayesopt(args.experiment, experiment, args)
     elif experiment.runner in ("asha", "pbt"):
@@ -395,6 +401,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ConfigError(f"{args.experiment} runs with {experiment.runner}, not from run_all.py")
     return 0
+
+
+def on_datasets(name: str, experiment: Experiment, datasets: list[str]) -> Experiment:
+    """`experiment` on other datasets (its algorithms, draws and settings): registered ones, or the
+    user's own `module.path:factory` (parallel_exec.dataset_configs); a ConfigError where it cannot."""
+    if experiment.runner != "batch":
+        raise ConfigError(f"--datasets: {name} runs with {experiment.runner}, which takes the experiment's own "
+                          f"datasets only (bayesopt.py -d and parallel_exec.py -d take any)")
+    parallel_exec.check_names(datasets, [])
+    return replace(experiment, datasets=tuple(datasets))
 
 
 def run_tune(name: str, experiment: Experiment, args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from onepass import config, datasets, train, util
+from onepass import config, datasets, run_all, train, util
 from onepass.schema import ConfigError
 from tests.conftest import REPO, run_cli
 
@@ -202,3 +202,29 @@ def test_a_factory_name_makes_a_portable_file_name():
     prefix, title = names_of("runs", "mypackage.data:load")
     assert prefix == "mypackage-data--load" and title == "mypackage.data:load"
     assert (Path("out") / f"{prefix}_cdf").with_suffix(".png").name == "mypackage-data--load_cdf.png"
+
+
+@pytest.mark.slow
+def test_run_all_runs_an_experiment_on_a_factory(factory_dir):
+    """Catches run_all.py --datasets ignored (the experiment's own dataset trained instead) or its
+    runs grouped under the experiment's dataset name."""
+    root = factory_dir / "results"
+    done = run_cli(str(REPO / "run_all.py"), "uci_energy", "--datasets", f"{MODULE}:table", "--reps", "1",
+                   "--workers", "1", "-l", str(root), "--set", "hyperparameter_steps=2",
+                   "--set", "model.layer_sizes=[5,20,1]", cwd=factory_dir)
+    assert done.returncode == 0, done.stderr
+    assert not (root / "uci_energy" / "uci_energy").exists()
+    runs = sorted((root / "uci_energy" / f"{MODULE}--table").glob("*/*/config.json"))
+    assert len(runs) == len(run_all.MAIN)
+    assert {json.loads(run.read_text())["dataset"]["name"] for run in runs} == {f"{MODULE}:table"}
+
+
+@pytest.mark.parametrize("command", [["run_all.py", "uci_energy", "--reps", "1"],
+                                     ["parallel_exec.py", "-d", "uci_energy", "-a", "Random"]])
+def test_a_dataset_named_by_set_is_refused_for_batches(command, tmp_path):
+    """Catches `--set dataset.name=...` accepted by a batch: it trains the user's data but files
+    every run under the experiment's dataset (uci_energy/...), where tables and figures name it so."""
+    done = run_cli(*command, "-l", str(tmp_path / "batch"), "--set", f"dataset.name={MODULE}:table")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--set dataset.name: name the datasets themselves" in done.stderr
+    assert not (tmp_path / "batch").exists() or not any((tmp_path / "batch").rglob("config.json"))
