@@ -56,9 +56,10 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_install_leaves_another_datasets_package_and_torch_alone(environment: Path, tmp_path: Path):
-    """Catches a project module installed at the top level (`datasets` would replace the user's) or
-    imported by its bare name (`import datasets` inside onepass would get the other package), and a
-    torch pin that the environment's torch does not meet (pip would have to replace it)."""
+    """Catches a project module installed at the top level (`datasets` would replace the user's),
+    left out of the package, or imported by its bare name (`import datasets` inside onepass would
+    get the other package), and a torch pin that the environment's torch does not meet (pip would
+    have to replace it)."""
     check = ("import datasets, torch\n"
              "from onepass import train, datasets as ours\n"
              "import datasets as again\n"
@@ -67,6 +68,10 @@ def test_the_install_leaves_another_datasets_package_and_torch_alone(environment
                                                  cwd=tmp_path).stdout.strip().split("|")
     assert who == again == "the other datasets package"
     assert ours == "onepass.datasets" and Path(where).is_relative_to(environment)
+    installed = Path(where).parent
+    assert {path.name for path in installed.glob("*.py")} == {path.name for path in REPO.glob("*.py")}
+    assert {path.name for path in (installed / "algorithms").glob("*.py")} == \
+        {path.name for path in (REPO / "algorithms").glob("*.py")}
     import torch
     assert torch_version == torch.__version__
 
