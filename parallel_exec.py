@@ -36,7 +36,7 @@ from types import ModuleType
 
 import numpy as np
 
-from onepass import config, factories, results_table, run_files, util
+from onepass import config, factories, own_data, results_table, run_files, util
 from onepass.algorithms.weight_update import RULES
 from onepass.config import ConfigError
 from onepass.progress import Progress
@@ -163,10 +163,14 @@ def dataset_configs(dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def check_names(datasets: list[str], algorithms: list[str]) -> None:
-    """Every dataset and algorithm has its config (a dataset may be the user's own module.path:factory,
-    imported when its jobs' configs are validated)."""
-    for name in [name for name in datasets if not factories.is_factory_name(name)] + algorithms:
-        if not (CONFIGS / f"{name}.yaml").is_file():
+    """Every dataset and algorithm has its config; data of the user's own (module:factory) imports."""
+    for name in datasets + algorithms:
+        if name in datasets and factories.is_factory_name(name):
+            try:
+                factories.factory(name, own_data.RETURNS)
+            except ConfigError as error:
+                raise ConfigError(f"dataset {name!r}: {error}") from None
+        elif not (CONFIGS / f"{name}.yaml").is_file():
             raise ConfigError(f"no config configs/{name}.yaml")
 
 

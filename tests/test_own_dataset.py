@@ -189,11 +189,15 @@ def test_an_unknown_plain_dataset_name_offers_the_factory_form():
         config.load_from([OWN_DATA, OURS], overrides=["dataset.name=mine"])
 
 
-def test_parallel_exec_refuses_a_factory_that_does_not_import_before_running_anything(tmp_path):
-    """Catches the name checked only as a config file (then every job fails one by one)."""
-    done = run_cli("parallel_exec.py", "-l", str(tmp_path / "batch"), "-d", "no_such_module_here:table", "-a", "Random")
+@pytest.mark.parametrize("command", [["parallel_exec.py", "-a", "Random", "-d"],
+                                     ["run_all.py", "uci_energy", "--datasets"]])
+def test_batches_refuse_a_factory_that_does_not_import_before_running_anything(command, tmp_path):
+    """Catches the name checked only as a config file (then every job fails one by one), and the
+    error blamed on a `--set dataset.name` the user never gave."""
+    done = run_cli(*command, "no_such_module_here:table", "-l", str(tmp_path / "batch"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert "no module named 'no_such_module_here'" in done.stderr and not (tmp_path / "batch").exists()
+    assert "error: dataset 'no_such_module_here:table': no module named 'no_such_module_here'" in done.stderr
+    assert not (tmp_path / "batch").exists()
 
 
 def test_a_factory_name_makes_a_portable_file_name():
