@@ -31,6 +31,7 @@ take the steps one process takes on the whole batch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -54,6 +55,8 @@ RULE_NAMES = ("sgd", "adam")
 # momentum cannot start an optimisation in log10 / logit space.
 WEIGHT_DECAY, MOMENTUM = 1.0e-6, 0.5
 BETAS = (OptimiserConfig.beta1, OptimiserConfig.beta2)
+# (low, high) of each hyperparameter, from the schema (a tuned one must lie strictly inside).
+RANGES = {field.name: (field.metadata["low"], field.metadata["high"]) for field in dataclasses.fields(OptimiserConfig)}
 CLOSURE_HELP = "pass a function that returns the batch's loss without calling backward(), e.g. " \
                "optimiser.step(lambda: loss_fn(model(inputs), targets))"
 
@@ -322,10 +325,8 @@ def _check_settings(settings: OptimiserConfig, tuning: TuningConfig, window: int
     if unknown:
         raise ValueError(f"tune={tuple(tuning.hyperparameters)}: {settings.name} has no {', '.join(unknown)} "
                          f"(it has {', '.join(names)})")
-    ranges = {"lr": (0.0, None), "weight_decay": (0.0, None), "momentum": (0.0, 1.0), "beta1": (0.0, 1.0),
-              "beta2": (0.0, 1.0)}
     for name in names:
-        value, (low, high) = getattr(settings, name), ranges[name]
+        value, (low, high) = getattr(settings, name), RANGES[name]
         tuned = name in tuning.hyperparameters or name == "lr"
         if not (low < value if tuned else low <= value) or (high is not None and not value < high):
             where = f"({low:g}, {high:g})" if high is not None else f"{'above' if tuned else 'at least'} {low:g}"
